@@ -1,0 +1,1 @@
+"""genserve training: datasets, models, trainer, checkpoints, pictures and metrics."""

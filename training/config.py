@@ -1,0 +1,105 @@
+"""Training configuration: one flat dataclass, loadable from YAML or TOML, saved with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODEL_KINDS = ("vae", "dense-vae", "ae", "dae", "gan", "dcgan", "aae")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "vae"
+    dataset: str = "mnist-5k"
+    data_dir: str | None = None  # --data-dir, else $GENSERVE_DATA, else ./data
+    out: str = "runs/default"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float | None = None  # None: the model kind's documented default
+    adam_beta1: float | None = None  # None: the model kind's default (0.9; 0.5 for GANs)
+    latent_dim: int | None = None  # None: the model kind's default
+    limit: int | None = None  # use only the first N training images
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    compile: bool = False  # torch.compile the model
+    amp: bool = True  # bf16 autocast, on CUDA only
+    image_size: int | None = None  # resize (faces) or crop size (textures); None: dataset default
+    # data options
+    binarize: bool | None = None  # dynamic binarisation; None: on for MNIST-like data with a Bernoulli likelihood
+    noise_factor: float = 0.5  # Gaussian noise std for the denoiser, clipped to [0, 1]
+    # VAE options
+    likelihood: str = "bernoulli"  # bernoulli | gaussian | gaussian-learned
+    gaussian_sigma: float = 0.1  # fixed decoder std for the gaussian likelihood
+    beta: float = 1.0
+    kl_warmup: float = 0.0  # fraction of training over which the KL weight rises linearly from 0 to beta
+    # adversarial options
+    noise_dim: int = 100
+    balance: bool = False
+    upsample: str = "transposed"  # transposed | resize
+    prior: str = "gaussian"  # aae prior: gaussian | uniform | mixture
+    prior_std: float = 5.0
+    supervised_prior: bool = False
+    # evaluation
+    nll_k: int = 100
+    nll_images: int = 1000
+    fid_samples: int = 2000
+    log_every: int = 50  # steps between TensorBoard scalar writes
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown config keys {unknown}; valid keys are: {', '.join(sorted(known))}"
+            )
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_KINDS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.likelihood not in ("bernoulli", "gaussian", "gaussian-learned"):
+            raise ValueError(f"likelihood must be bernoulli, gaussian or gaussian-learned, not {self.likelihood!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+        if not 0.0 <= self.kl_warmup <= 1.0:
+            raise ValueError(f"kl_warmup is a fraction of training in [0, 1], got {self.kl_warmup}")
+        if self.noise_factor < 0:
+            raise ValueError(f"noise_factor must be >= 0, got {self.noise_factor}")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or TOML config file into a dict of TrainConfig fields (dashes become underscores)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        values = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml", ".json"):
+        values = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    return {key.replace("-", "_"): value for key, value in values.items()}

@@ -1,0 +1,36 @@
+"""Model kinds by name. Each module holds one family, reading top to bottom."""
+
+from __future__ import annotations
+
+from training.config import TrainConfig
+from training.models.base import Batch, GenerativeModel, StepContext
+
+__all__ = ["Batch", "GenerativeModel", "StepContext", "build_model", "model_class"]
+
+
+def model_class(kind: str) -> type[GenerativeModel]:
+    # Imported here so that importing one family does not import all of them.
+    from training.models.autoencoder import ConvAutoencoder, DenoisingAutoencoder
+    from training.models.vae import ConvVAE, DenseVAE
+
+    classes: dict[str, type[GenerativeModel]] = {
+        "vae": ConvVAE,
+        "dense-vae": DenseVAE,
+        "ae": ConvAutoencoder,
+        "dae": DenoisingAutoencoder,
+    }
+    try:
+        from training.models.adversarial import ADVERSARIAL_MODELS
+
+        classes.update(ADVERSARIAL_MODELS)
+    except ImportError:
+        pass
+    if kind not in classes:
+        raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(sorted(classes))}")
+    return classes[kind]
+
+
+def build_model(
+    kind: str, image_shape: tuple[int, int, int], config: TrainConfig, num_classes: int = 0
+) -> GenerativeModel:
+    return model_class(kind)(image_shape, config, num_classes)
