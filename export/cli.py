@@ -1,0 +1,108 @@
+"""genserve-export RUN_DIR --repository REPO: publish a trained run as a new model version."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from export.manifest import MANIFEST_NAME, RepositoryError
+from export.pipeline import CHECKPOINT_CHOICES, DEFAULT_MAX_BATCH, ExportResult
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genserve-export",
+        description="Export a trained run's servable parts to ONNX, check them against PyTorch, and "
+        "publish them atomically as the next version of a model in a model repository.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by genserve-train")
+    parser.add_argument("--repository", "-r", required=True, metavar="REPO", help="model repository root (created if missing)")
+    parser.add_argument("--name", help="model name (default: DATASET-KIND, e.g. mnist-vae)")
+    parser.add_argument(
+        "--max-batch", type=_positive, default=DEFAULT_MAX_BATCH, metavar="N",
+        help=f"largest batch the parity check runs (default {DEFAULT_MAX_BATCH})",
+    )
+    parser.add_argument("--fp16", action="store_true", help="also write float16 variants (<part>.fp16.onnx) for CUDA")
+    parser.add_argument("--keep", type=_positive, metavar="N", help="then remove all but the newest N versions (never a served one)")
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="last", help="which checkpoint to export (default last)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only the version directory")
+    return parser
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def report(result: ExportResult) -> str:
+    """A human summary of what was written."""
+    m = result.manifest
+    lines = [
+        f"published {m.name} version {m.version} ({m.kind}, image {list(m.image_shape)}, "
+        f"latent {m.latent_dim}) in {result.seconds:.1f}s",
+        f"  {result.path}/",
+    ]
+    worst: dict[tuple[str, str], float] = {}
+    for r in m.parity.get("results", []):
+        key = (r["part"], r["variant"])
+        worst[key] = max(worst.get(key, 0.0), r["max_abs_diff"])
+    for part, spec in m.parts.items():
+        for variant, v in spec.variants.items():
+            entry = m.files[v.file]
+            io = f"{', '.join(t.name for t in spec.inputs)} -> {', '.join(t.name for t in spec.outputs)}"
+            lines.append(
+                f"    {v.file:<22} {_size(entry.bytes):>9}  {io:<28} max |onnx-torch| {worst.get((part, variant), 0.0):.2g}"
+                f"  sha256 {entry.sha256[:12]}"
+            )
+    lines.append(f"    {MANIFEST_NAME}")
+    parity = m.parity
+    lines.append(f"  parity: batches {parity.get('batches')} on {', '.join(parity.get('providers', []))}")
+    if result.removed:
+        lines.append(f"  removed old versions: {', '.join(map(str, result.removed))}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from export.onnx_export import ExportError
+    from export.parity import ParityError
+    from export.pipeline import export_run
+    from training.checkpoint import CheckpointError
+
+    progress = None if args.quiet else (lambda message: print(f"{message}...", file=sys.stderr, flush=True))
+    try:
+        result = export_run(
+            args.run_dir,
+            args.repository,
+            name=args.name,
+            max_batch=args.max_batch,
+            fp16=args.fp16,
+            keep=args.keep,
+            checkpoint=args.checkpoint,
+            progress=progress,
+        )
+    except (CheckpointError, ExportError, ParityError, RepositoryError, ValueError, FileNotFoundError) as error:
+        print(f"genserve-export: error: {error}", file=sys.stderr)
+        return 1
+    for warning in result.warnings:
+        print(f"genserve-export: warning: {warning}", file=sys.stderr)
+    print(result.path if args.quiet else report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Durable file writes and hashing for the model repository (no torch, no onnx: the server imports this)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so the names created or renamed in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_durable(path: Path, data: bytes) -> None:
+    """Write `data` to a new file and fsync it (the caller fsyncs the directory once at the end)."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities replaced by None, so it serialises as strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dump_json(data: Any) -> bytes:
+    """Strict, stable JSON (sorted keys, no NaN) with a trailing newline."""
+    return (json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,47 @@
+"""Model names: the one rule both the exporter and the server rely on to keep paths inside the repository."""
+
+from __future__ import annotations
+
+import re
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+MAX_NAME_LENGTH = 128
+_NAME = re.compile(MODEL_NAME_PATTERN)
+
+
+class InvalidNameError(ValueError):
+    """A model (or serving holder) name that could escape the repository or is not portable."""
+
+
+def validate_model_name(name: str, what: str = "model name") -> str:
+    """Return `name` unchanged if it is a valid model name, else raise InvalidNameError saying why.
+
+    Valid: lowercase letters, digits, '.', '_' and '-', starting with a letter or digit, at most
+    128 characters, no '..'. So a name is always exactly one path component below the repository root.
+    """
+    if not isinstance(name, str):
+        raise InvalidNameError(f"{what} must be a string, got {type(name).__name__}")
+    problem = None
+    if not name:
+        problem = "it is empty"
+    elif len(name) > MAX_NAME_LENGTH:
+        problem = f"it is longer than {MAX_NAME_LENGTH} characters"
+    elif "/" in name or "\\" in name:
+        problem = "it contains a path separator"
+    elif ".." in name:
+        problem = "it contains '..'"
+    elif not _NAME.match(name):
+        problem = "it has characters other than a-z, 0-9, '.', '_', '-' or does not start with a letter or digit"
+    if problem:
+        raise InvalidNameError(
+            f"invalid {what} {name!r}: {problem}; use lowercase letters, digits, '.', '_' and '-', "
+            f"starting with a letter or digit (pattern {MODEL_NAME_PATTERN}), e.g. 'mnist-vae'"
+        )
+    return name
+
+
+def default_model_name(kind: str, dataset: str) -> str:
+    """`<dataset>-<kind>`, lowercased with other characters turned into '-' (mnist-5k + vae -> mnist-5k-vae)."""
+    raw = f"{dataset}-{kind}".lower()
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", raw).replace("..", ".").lstrip("._-")
+    return validate_model_name(cleaned[:MAX_NAME_LENGTH])

@@ -1,0 +1,278 @@
+"""A trained run -> checked ONNX graphs -> a new published version in the model repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from export.files import json_safe, write_bytes_durable
+from export.manifest import Manifest, PartSpec, VariantSpec, graph_metadata
+from export.naming import default_model_name, validate_model_name
+from export.onnx_export import OPSET, ExportError, PartSignature, describe_part, export_part, with_metadata
+from export.parity import (
+    CPU,
+    CUDA,
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    PARITY_SEED,
+    ParityResult,
+    SkippedCheck,
+    Tolerance,
+    check_parity,
+    parity_batches,
+    providers_to_check,
+    reference_outputs,
+)
+from export.provenance import exporter_info
+from export.repository import Repository
+
+DEFAULT_MAX_BATCH = 64
+CHECKPOINT_CHOICES = ("last", "best")
+
+
+@dataclass
+class ExportResult:
+    """What export_run published."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: Manifest
+    removed: list[int] = field(default_factory=list)  # old versions removed by keep
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _PartExport:
+    signature: PartSignature
+    graphs: dict[str, onnx.ModelProto]  # variant -> graph
+    results: list[ParityResult]
+    skipped: list[SkippedCheck]
+    seconds: float
+
+
+def graph_file(part: str, variant: str) -> str:
+    return f"{part}.onnx" if variant == "fp32" else f"{part}.{variant}.onnx"
+
+
+def _latent_dim(signatures: dict[str, PartSignature], model: torch.nn.Module) -> int:
+    """The width of the latent the graphs take or give (decoder/generator input, else encoder output)."""
+    for part in ("decoder", "generator", "encoder"):
+        if part in signatures:
+            spec = signatures[part].inputs[0] if part != "encoder" else signatures[part].outputs[0]
+            return int(spec.shape[1])
+    return int(model.latent_dim)
+
+
+def _prior(model: Any) -> dict[str, Any] | None:
+    try:
+        return json_safe(model.prior_spec())
+    except NotImplementedError:
+        return None  # ae and dae have no prior
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the run directory is damaged") from error
+
+
+def export_part_checked(
+    part: str,
+    module: torch.nn.Module,
+    image_shape: tuple[int, int, int],
+    latent_dim: int,
+    *,
+    batches: list[int],
+    providers: list[str],
+    fp16: bool,
+    tolerance: Tolerance,
+    fp16_tolerance: Tolerance,
+    opset: int,
+) -> _PartExport:
+    """Export one part (and its fp16 variant) and check parity for each; raises on any failure."""
+    started = time.perf_counter()
+    module.eval()  # servable_parts may wrap modules freshly, which start in training mode
+    signature = describe_part(part, module, image_shape, latent_dim)
+    references = reference_outputs(module, signature, batches)
+    graphs: dict[str, onnx.ModelProto] = {}
+    results: list[ParityResult] = []
+    skipped: list[SkippedCheck] = []
+    for variant, tol in (("fp32", tolerance), *((("fp16", fp16_tolerance),) if fp16 else ())):
+        graph = export_part(module, signature, fp16=variant == "fp16", opset=opset)
+        res, skip = check_parity(
+            graph.SerializeToString(), signature, references, variant=variant, tolerance=tol, providers=providers
+        )
+        graphs[variant] = graph
+        results += res
+        skipped += skip
+    return _PartExport(signature, graphs, results, skipped, time.perf_counter() - started)
+
+
+def export_run(
+    run_dir: str | os.PathLike[str],
+    repository: str | os.PathLike[str] | Repository,
+    *,
+    name: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    fp16: bool = False,
+    keep: int | None = None,
+    checkpoint: str = "last",
+    tolerance: Tolerance = FP32_TOLERANCE,
+    fp16_tolerance: Tolerance = FP16_TOLERANCE,
+    opset: int = OPSET,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export run_dir's last (or best) checkpoint as the next version of `name` in `repository`.
+
+    Every servable part becomes <part>.onnx (and <part>.fp16.onnx with fp16), parity-checked at
+    batch 1, 7 and max_batch on CPU (and CUDA where onnxruntime has it) before anything is published.
+    """
+    from training.checkpoint import load_trained_model  # heavy; keeps `import export` light
+
+    started = time.perf_counter()
+    say = progress or (lambda _message: None)
+    run_dir = Path(run_dir)
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint must be 'last' or 'best', not {checkpoint!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max batch must be a positive integer, got {max_batch!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be a positive integer (versions to keep), got {keep!r}")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist; pass the --out directory of genserve-train")
+    if name is not None:
+        validate_model_name(name)
+    repo = repository if isinstance(repository, Repository) else Repository(repository, create=True)
+
+    model, config, info, checkpoint_path = load_trained_model(run_dir, checkpoint, device="cpu")
+    dataset = info.get("dataset") or config.dataset
+    name = name or default_model_name(model.kind, dataset)
+    image_shape = tuple(int(v) for v in info.get("image_shape", model.image_shape))
+    if image_shape != tuple(model.image_shape):
+        raise ValueError(f"{run_dir}/run.json says image_shape {list(image_shape)}, the model has {list(model.image_shape)}")
+
+    batches = parity_batches(max_batch)
+    providers = providers_to_check()
+    exports: dict[str, _PartExport] = {}
+    for part, module in model.servable_parts().items():
+        say(f"exporting {part}")
+        exports[part] = export_part_checked(
+            part,
+            module,
+            image_shape,  # type: ignore[arg-type]
+            _latent_dim_hint(model),
+            batches=batches,
+            providers=providers,
+            fp16=fp16,
+            tolerance=tolerance,
+            fp16_tolerance=fp16_tolerance,
+            opset=opset,
+        )
+    if not exports:
+        raise ExportError(f"{model.kind} returned no servable parts; nothing to export")
+
+    warnings = [
+        f"{s.part} ({s.variant}) was not checked on {s.provider}: {s.reason}"
+        for e in exports.values()
+        for s in e.skipped
+    ]
+    state = _read_json(checkpoint_path / "state.json") or {}
+    metrics = _read_json(run_dir / "metrics.json") or {}
+    signatures = {part: e.signature for part, e in exports.items()}
+    base = Manifest(
+        name=name,
+        version=1,  # replaced by the number the repository assigns
+        kind=model.kind,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        image_shape=image_shape,  # type: ignore[arg-type]
+        latent_dim=_latent_dim(signatures, model),
+        prior=_prior(model),
+        dataset=dataset,
+        class_names=info.get("class_names"),
+        parts={
+            part: PartSpec(
+                e.signature.inputs,
+                e.signature.outputs,
+                {
+                    variant: VariantSpec(
+                        graph_file(part, variant),
+                        "float32" if variant == "fp32" else "float16",
+                        (CPU, CUDA) if variant == "fp32" else (CUDA,),
+                    )
+                    for variant in e.graphs
+                },
+            )
+            for part, e in exports.items()
+        },
+        training=json_safe(
+            {
+                "run_dir": str(run_dir.resolve()),
+                "checkpoint": str(checkpoint_path.resolve().relative_to(run_dir.resolve())),
+                "checkpoint_which": checkpoint,
+                "epoch": state.get("epoch"),
+                "step": state.get("step"),
+                "run_git_commit": info.get("git_commit"),
+                "config": config.to_dict(),
+                "final_metrics": metrics.get("final"),
+            }
+        ),
+        exporter={
+            **exporter_info(opset),
+            "seconds": {part: round(e.seconds, 3) for part, e in exports.items()},
+        },
+        parity={
+            "batches": batches,
+            "providers": providers,
+            "inputs": f"uniform [0, 1] images or standard normal latents, torch seed {PARITY_SEED} + batch size",
+            "tolerances": {
+                "fp32": {"atol": tolerance.atol, "rtol": tolerance.rtol},
+                **({"fp16": {"atol": fp16_tolerance.atol, "rtol": fp16_tolerance.rtol}} if fp16 else {}),
+            },
+            "reference": "the float32 PyTorch part on CPU",
+            "results": [r.to_dict() for e in exports.values() for r in e.results],
+            "skipped": [s.to_dict() for e in exports.values() for s in e.skipped],
+        },
+    )
+
+    def build(staging: Path, version: int) -> Manifest:
+        manifest = replace(base, version=version)
+        for part, e in exports.items():
+            for variant, graph in e.graphs.items():
+                data = with_metadata(graph, graph_metadata(manifest, part, variant))
+                write_bytes_durable(staging / graph_file(part, variant), data)
+        return manifest
+
+    say("publishing")
+    version = repo.publish(name, build)
+    removed = repo.keep_versions(name, keep) if keep is not None else []
+    return ExportResult(
+        name=name,
+        version=version,
+        path=repo.version_dir(name, version),
+        manifest=repo.load_manifest(name, version),
+        removed=removed,
+        warnings=warnings,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _latent_dim_hint(model: Any) -> int:
+    """The input width of decoders and generators: the prior's dimension, else model.latent_dim."""
+    prior = _prior(model)
+    if prior and isinstance(prior.get("dim"), int):
+        return int(prior["dim"])
+    return int(model.latent_dim)

@@ -1,0 +1,69 @@
+"""The `final` metrics of a run, chosen by what the model can do. Units are in the names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from training.config import TrainConfig
+from training.data.loader import DeviceLoader
+from training.data.types import ImageDataset
+from training.evaluation.reconstruction import per_image_mse, psnr_db
+from training.models import GenerativeModel
+
+VAE_KINDS = ("vae", "dense-vae")
+
+
+@torch.no_grad()
+def vae_likelihood_metrics(model: GenerativeModel, config: TrainConfig, test_loader: DeviceLoader) -> dict[str, Any]:
+    from training.models.likelihood import estimate_nll
+
+    model.eval()
+    elbo_sum, count, nll_images = 0.0, 0, []
+    for batch in test_loader:
+        n = len(batch.images)
+        elbo_sum += model.eval_losses(batch)["loss"].item() * n
+        count += n
+        if sum(len(x) for x in nll_images) < config.nll_images:
+            nll_images.append(batch.images)
+    images = torch.cat(nll_images)[: config.nll_images]
+    nll = estimate_nll(model, images, k=config.nll_k)
+    return {
+        "test_elbo_nats": elbo_sum / count,
+        "test_nll_nats": nll.mean().item(),
+        "nll_k": config.nll_k,
+        "nll_images": len(images),
+        "binarized": bool(config.binarize),
+    }
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: GenerativeModel, test_loader: DeviceLoader, noisy: bool) -> dict[str, Any]:
+    model.eval()
+    mse, noisy_mse = [], []
+    for batch in test_loader:
+        mse.append(per_image_mse(model.reconstruct(batch.inputs), batch.images))
+        if noisy:
+            noisy_mse.append(per_image_mse(batch.inputs, batch.images))
+    mse_all = torch.cat(mse)
+    metrics: dict[str, Any] = {
+        "test_mse": mse_all.mean().item(),
+        "test_psnr_db": psnr_db(mse_all).mean().item(),  # mean of per-image PSNR
+    }
+    if noisy:
+        metrics["noisy_psnr_db"] = psnr_db(torch.cat(noisy_mse)).mean().item()
+    return metrics
+
+
+def final_metrics(
+    model: GenerativeModel, dataset: ImageDataset, config: TrainConfig, test_loader: DeviceLoader
+) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    if config.model in VAE_KINDS:
+        metrics.update(vae_likelihood_metrics(model, config, test_loader))
+    if config.model in ("ae", "dae"):
+        metrics.update(reconstruction_metrics(model, test_loader, noisy=config.model == "dae"))
+        if config.model == "dae":
+            metrics["noise_factor"] = config.noise_factor
+    return metrics
