@@ -23,8 +23,8 @@ install: $(BIN)/.installed-$(ORT)
 
 demo: install
 	rm -rf $(DEMO_DIR)
-	$(BIN)/genserve-train vae --dataset mnist-5k --epochs $(DEMO_EPOCHS) --latent-dim 2 --out $(DEMO_DIR)/vae
-	$(BIN)/genserve-train dae --dataset mnist-5k --epochs $(DEMO_EPOCHS) --out $(DEMO_DIR)/dae
+	$(BIN)/genserve-train vae --dataset mnist-5k --epochs $(DEMO_EPOCHS) --batch-size 32 --latent-dim 2 --nll-k 50 --nll-images 500 --out $(DEMO_DIR)/vae
+	$(BIN)/genserve-train dae --dataset mnist-5k --epochs $(DEMO_EPOCHS) --batch-size 32 --out $(DEMO_DIR)/dae
 	@echo "pictures: $(DEMO_DIR)/vae/plots $(DEMO_DIR)/dae/plots"
 
 test: install

@@ -30,7 +30,7 @@ def validate_model_name(name: str, what: str = "model name") -> str:
         problem = "it contains a path separator"
     elif ".." in name:
         problem = "it contains '..'"
-    elif not _NAME.match(name):
+    elif not _NAME.fullmatch(name):  # fullmatch: "$" alone would accept a trailing newline
         problem = "it has characters other than a-z, 0-9, '.', '_', '-' or does not start with a letter or digit"
     if problem:
         raise InvalidNameError(

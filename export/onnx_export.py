@@ -205,7 +205,7 @@ def _check_io(proto: onnx.ModelProto, signature: PartSignature, what: str) -> No
             if not dims[0].dim_param:
                 raise ExportError(
                     f"{what}: the batch axis of {kind} {value.name!r} is fixed to {dims[0].dim_value}; "
-                    "the part must not hard-code the batch size"
+                    "the part must not hard-code the batch size (use x.view(x.shape[0], ...), nn.Flatten or nn.Unflatten)"
                 )
             dims[0].dim_param = BATCH_DIM  # one name for the batch axis in every graph
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.onnx_export import IMAGE_RANGE, PartSignature, as_tuple, example_input
+from export.onnx_export import IMAGE_RANGE, ExportError, PartSignature, as_tuple, example_input
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -81,11 +82,13 @@ def open_session(model: bytes, provider: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: keep the CLI output clean
     providers = [provider] if provider == CPU else [provider, CPU]
-    session = ort.InferenceSession(model, sess_options=options, providers=providers)
+    with warnings.catch_warnings():  # a missing provider is reported below, not as a warning
+        warnings.simplefilter("ignore")
+        session = ort.InferenceSession(model, sess_options=options, providers=providers)
     if session.get_providers()[0] != provider:
         raise RuntimeError(
-            f"onnxruntime lists {provider} but the session fell back to {session.get_providers()[0]} "
-            "(are the CUDA and cuDNN libraries onnxruntime-gpu needs installed?)"
+            f"asked onnxruntime for {provider} but the session fell back to {session.get_providers()[0]} "
+            "(for CUDA: are the CUDA and cuDNN libraries that onnxruntime-gpu needs installed?)"
         )
     return session
 
@@ -117,8 +120,14 @@ def reference_outputs(module: nn.Module, signature: PartSignature, batches: list
         x = example_input(signature.input, batch, torch.Generator().manual_seed(PARITY_SEED + batch))
         if signature.input.value_range == IMAGE_RANGE:
             _check_range(x.numpy(), f"parity input of part {signature.part!r}")
-        with torch.no_grad():
-            outputs = [o.detach().float().numpy() for o in as_tuple(module(x))]
+        try:
+            with torch.no_grad():
+                outputs = [o.detach().float().numpy() for o in as_tuple(module(x))]
+        except Exception as error:
+            raise ExportError(
+                f"part {signature.part!r} fails in PyTorch at batch {batch}: {error}; servable parts must "
+                "accept any batch size (use x.view(x.shape[0], ...), nn.Flatten or nn.Unflatten)"
+            ) from error
         for spec, out in zip(signature.outputs, outputs, strict=True):
             if spec.value_range == IMAGE_RANGE:
                 _check_range(out, f"PyTorch part {signature.part!r}, output {spec.name!r}, batch {batch}")

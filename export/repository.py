@@ -41,7 +41,7 @@ STAGING_PREFIX = ".staging-"
 REMOVING_PREFIX = ".removing-"
 SERVING_DIR = ".serving"
 STALE_AFTER_S = 3600.0  # staging dirs untouched this long belong to a dead exporter
-_VERSION = re.compile(r"^[1-9][0-9]*$")
+_VERSION = re.compile(r"[1-9][0-9]*")  # used with fullmatch: "$" would accept "3\n"
 
 # build(staging_dir, version) writes the version's files into staging_dir and returns its manifest
 # (without `files`: the repository hashes whatever build wrote). It may be called again with a higher
@@ -112,7 +112,7 @@ class Repository:
         model_dir = self.model_dir(name)
         if not model_dir.is_dir():
             return []
-        return sorted(int(p.name) for p in model_dir.iterdir() if _VERSION.match(p.name) and p.is_dir())
+        return sorted(int(p.name) for p in model_dir.iterdir() if _VERSION.fullmatch(p.name) and p.is_dir())
 
     def status(self, name: str) -> list[VersionStatus]:
         """Each version with whether its manifest loads and validates (no hashing; see verify)."""
@@ -224,7 +224,7 @@ class Repository:
 
     @staticmethod
     def _next_version(model_dir: Path) -> int:
-        taken = [int(p.name) for p in model_dir.iterdir() if _VERSION.match(p.name)]
+        taken = [int(p.name) for p in model_dir.iterdir() if _VERSION.fullmatch(p.name)]
         return max(taken, default=0) + 1
 
     @staticmethod

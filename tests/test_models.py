@@ -80,7 +80,7 @@ def test_forward_shapes(kind: str, shape: tuple[int, int, int]) -> None:
 def test_train_step_decreases_loss(kind: str, shape: tuple[int, int, int]) -> None:
     torch.manual_seed(0)
     model = build_model(kind, shape, TrainConfig(model=kind))
-    batch = make_batch(kind, smooth_images(16, shape))
+    batch = make_batch(kind, smooth_images(8, shape))
     torch.manual_seed(1)
     before = model.eval_losses(batch)
     history = train(model, batch, 20)
@@ -159,31 +159,27 @@ def test_kl_warmup_schedule() -> None:
     assert out["loss"].item() == pytest.approx(out["recon"].item() + 0.5 * out["kl"].item(), rel=1e-5)
 
 
-def test_log_likelihoods_match_torch_distributions() -> None:
+def test_log_likelihoods() -> None:
     torch.manual_seed(0)
-    logits, images = torch.randn(3, 1, 5, 5), torch.rand(3, 1, 5, 5)
-    bernoulli = torch.distributions.ContinuousBernoulli(logits=logits)  # same BCE, minus its normaliser
-    expected = (bernoulli.log_prob(images) - bernoulli._cont_bern_log_norm()).flatten(1).sum(1)
-    torch.testing.assert_close(bernoulli_log_prob(logits, images), expected)
-    normal = torch.distributions.Normal(torch.sigmoid(logits), 0.1)
+    logits, images = torch.randn(2, 1, 28, 28), torch.rand(2, 1, 28, 28)
+    expected = images * F.logsigmoid(logits) + (1 - images) * F.logsigmoid(-logits)
+    torch.testing.assert_close(bernoulli_log_prob(logits, images), expected.flatten(1).sum(1))
+
+    fixed = build_model("vae", (1, 28, 28), TrainConfig(likelihood="gaussian", gaussian_sigma=0.2))
+    assert isinstance(fixed, VAE) and fixed.log_sigma is None
+    normal = torch.distributions.Normal(torch.sigmoid(logits), 0.2)  # the normaliser is included
     torch.testing.assert_close(
-        gaussian_log_prob(torch.sigmoid(logits), images, math.log(0.1)),
+        fixed.log_likelihood(logits, images), normal.log_prob(images).flatten(1).sum(1)
+    )
+    torch.testing.assert_close(
+        gaussian_log_prob(torch.sigmoid(logits), images, math.log(0.2)),
         normal.log_prob(images).flatten(1).sum(1),
     )
 
 
-def test_gaussian_likelihood_terms() -> None:
-    torch.manual_seed(0)
-    fixed = build_model("vae", (1, 28, 28), TrainConfig(likelihood="gaussian", gaussian_sigma=0.2))
-    assert fixed.log_sigma is None
-    logits, images = torch.randn(2, 1, 28, 28), torch.rand(2, 1, 28, 28)
-    expected = torch.distributions.Normal(torch.sigmoid(logits), 0.2).log_prob(images).flatten(1).sum(1)
-    torch.testing.assert_close(fixed.log_likelihood(logits, images), expected)
-
-
 def test_gaussian_learned_std_is_learned() -> None:
     torch.manual_seed(0)
-    model = build_model("dense-vae", (1, 28, 28), TrainConfig(likelihood="gaussian-learned", lr=1e-2))
+    model = build_model("dense-vae", (1, 28, 28), TrainConfig(likelihood="gaussian-learned"))
     assert isinstance(model, VAE) and model.log_sigma is not None
     assert any(p is model.log_sigma for p in model.parameters())
     images = smooth_images(16, (1, 28, 28))
@@ -219,8 +215,9 @@ def test_nll_estimate_is_below_the_negative_elbo() -> None:
     assert eval_loss.item() == pytest.approx(neg_elbo.mean().item(), abs=0.5)
 
     # Chunked (k > batch_size) gives the same estimate up to the sampling noise.
-    chunked = estimate_nll(model, test[:4], 1000, batch_size=64, generator=g)
-    torch.testing.assert_close(chunked, nll[1000][:4], atol=0.3, rtol=0)
+    chunked = estimate_nll(model, test, 1000, batch_size=64, generator=g)
+    assert chunked.shape == (16,)
+    assert abs(chunked.mean().item() - nll[1000].mean().item()) < 0.5
 
 
 def test_training_is_reproducible() -> None:

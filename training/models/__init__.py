@@ -10,6 +10,7 @@ __all__ = ["Batch", "GenerativeModel", "StepContext", "build_model", "model_clas
 
 def model_class(kind: str) -> type[GenerativeModel]:
     # Imported here so that importing one family does not import all of them.
+    from training.models.adversarial import ADVERSARIAL_MODELS
     from training.models.autoencoder import ConvAutoencoder, DenoisingAutoencoder
     from training.models.vae import ConvVAE, DenseVAE
 
@@ -19,12 +20,7 @@ def model_class(kind: str) -> type[GenerativeModel]:
         "ae": ConvAutoencoder,
         "dae": DenoisingAutoencoder,
     }
-    try:
-        from training.models.adversarial import ADVERSARIAL_MODELS
-
-        classes.update(ADVERSARIAL_MODELS)
-    except ImportError:
-        pass
+    classes.update(ADVERSARIAL_MODELS)
     if kind not in classes:
         raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(sorted(classes))}")
     return classes[kind]

@@ -206,11 +206,12 @@ class ConvVAE(VAE):
         # A stride-2 transposed conv maps size s to 2s - 1 + output_padding; pad back to H, W
         # (1 for even sizes, 0 for odd ones, which the stride-2 conv rounded up).
         _, fh, fw = feature_shape
+        output_padding = (h - 2 * fh + 1, w - 2 * fw + 1)
         self.decoder = nn.Sequential(
             nn.Linear(self.latent_dim, features),
             nn.ReLU(),
             nn.Unflatten(1, feature_shape),
-            nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=(h - 2 * fh + 1, w - 2 * fw + 1)),
+            nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1, output_padding=output_padding),
             nn.ReLU(),
             nn.Conv2d(32, c, 3, padding=1),
         )
