@@ -6,7 +6,7 @@ The repository API (what a server needs) imports neither torch nor onnx:
     repo = Repository("/models")
     version = repo.latest("mnist-vae")
     manifest = repo.verify("mnist-vae", version)
-    path = repo.part_path("mnist-vae", version, "decoder")
+    graph = repo.read_part(manifest, "decoder")  # bytes, sha256-checked: onnxruntime.InferenceSession(graph)
 
 `export_run` (the exporter itself, loaded on first use) needs torch, onnx and onnxruntime.
 """

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from export.manifest import MANIFEST_NAME, RepositoryError
+from export.manifest import MANIFEST_NAME, VARIANTS, RepositoryError
 from export.pipeline import CHECKPOINT_CHOICES, DEFAULT_MAX_BATCH, ExportResult
 
 
@@ -41,11 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    if n < 1024:
+        return f"{n} B"
+    size, unit = n / 1024, "KB"
+    for bigger in ("MB", "GB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
 
 
 def report(result: ExportResult) -> str:
@@ -61,7 +64,8 @@ def report(result: ExportResult) -> str:
         key = (r["part"], r["variant"])
         worst[key] = max(worst.get(key, 0.0), r["max_abs_diff"])
     for part, spec in m.parts.items():
-        for variant, v in spec.variants.items():
+        for variant in sorted(spec.variants, key=VARIANTS.index):
+            v = spec.variants[variant]
             entry = m.files[v.file]
             io = f"{', '.join(t.name for t in spec.inputs)} -> {', '.join(t.name for t in spec.outputs)}"
             lines.append(
@@ -95,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             progress=progress,
         )
-    except (CheckpointError, ExportError, ParityError, RepositoryError, ValueError, FileNotFoundError) as error:
+    except (CheckpointError, ExportError, ParityError, RepositoryError, ValueError, OSError) as error:
         print(f"genserve-export: error: {error}", file=sys.stderr)
         return 1
     for warning in result.warnings:

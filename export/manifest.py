@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from export.files import dump_json
+from export.naming import InvalidNameError, validate_model_name
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -197,6 +198,11 @@ class Manifest:
         dataset = data.get("dataset")
         if dataset is not None and not isinstance(dataset, str):
             raise ManifestError(f"{where}: dataset must be a string or null")
+        name = d.text(data, "name")
+        try:
+            validate_model_name(name)
+        except InvalidNameError as error:
+            raise ManifestError(f"{where}: {error}") from error
         version = d.integer(data, "version")
         if version < 1:
             raise ManifestError(f"{where}: version must be a positive integer, got {version}")
@@ -223,7 +229,7 @@ class Manifest:
                         f"{where}: parts.{pname}.variants.{vname}.file {variant.file!r} is not listed in files"
                     )
         return cls(
-            name=d.text(data, "name"),
+            name=name,
             version=version,
             kind=d.text(data, "kind"),
             created_at=d.text(data, "created_at"),

@@ -111,7 +111,8 @@ def export_part_checked(
     graphs: dict[str, onnx.ModelProto] = {}
     results: list[ParityResult] = []
     skipped: list[SkippedCheck] = []
-    for variant, tol in (("fp32", tolerance), *((("fp16", fp16_tolerance),) if fp16 else ())):
+    variants = [("fp32", tolerance)] + ([("fp16", fp16_tolerance)] if fp16 else [])
+    for variant, tol in variants:
         graph = export_part(module, signature, fp16=variant == "fp16", opset=opset)
         res, skip = check_parity(
             graph.SerializeToString(), signature, references, variant=variant, tolerance=tol, providers=providers
@@ -120,6 +121,71 @@ def export_part_checked(
         results += res
         skipped += skip
     return _PartExport(signature, graphs, results, skipped, time.perf_counter() - started)
+
+
+def _check_arguments(run_dir: Path, name: str | None, max_batch: int, keep: int | None, checkpoint: str) -> None:
+    """Fail on bad arguments before the slow work starts."""
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint must be 'last' or 'best', not {checkpoint!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max batch must be a positive integer, got {max_batch!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be a positive integer (versions to keep), got {keep!r}")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist; pass the --out directory of genserve-train")
+    if name is not None:
+        validate_model_name(name)
+
+
+def _latent_dim_hint(model: Any) -> int:
+    """The input width of decoders and generators: the prior's dimension, else model.latent_dim."""
+    prior = _prior(model)
+    if prior and isinstance(prior.get("dim"), int):
+        return int(prior["dim"])
+    return int(model.latent_dim)
+
+
+def _part_spec(part: str, e: _PartExport) -> PartSpec:
+    variants = {
+        variant: VariantSpec(
+            graph_file(part, variant),
+            "float32" if variant == "fp32" else "float16",
+            (CPU, CUDA) if variant == "fp32" else (CUDA,),
+        )
+        for variant in e.graphs
+    }
+    return PartSpec(e.signature.inputs, e.signature.outputs, variants)
+
+
+def _training_record(run_dir: Path, checkpoint_path: Path, which: str, config: Any, info: dict[str, Any]) -> dict[str, Any]:
+    state = _read_json(checkpoint_path / "state.json") or {}
+    metrics = _read_json(run_dir / "metrics.json") or {}
+    return json_safe(
+        {
+            "run_dir": str(run_dir.resolve()),
+            "checkpoint": str(checkpoint_path.resolve().relative_to(run_dir.resolve())),
+            "checkpoint_which": which,
+            "epoch": state.get("epoch"),
+            "step": state.get("step"),
+            "run_git_commit": info.get("git_commit"),
+            "config": config.to_dict(),
+            "final_metrics": metrics.get("final"),
+        }
+    )
+
+
+def _parity_record(
+    exports: dict[str, _PartExport], batches: list[int], providers: list[str], tolerances: dict[str, Tolerance]
+) -> dict[str, Any]:
+    return {
+        "batches": batches,
+        "providers": providers,
+        "inputs": f"uniform [0, 1] images or standard normal latents, torch seed {PARITY_SEED} + batch size",
+        "reference": "the float32 PyTorch part on CPU",
+        "tolerances": {variant: {"atol": t.atol, "rtol": t.rtol} for variant, t in tolerances.items()},
+        "results": [r.to_dict() for e in exports.values() for r in e.results],
+        "skipped": [s.to_dict() for e in exports.values() for s in e.skipped],
+    }
 
 
 def export_run(
@@ -140,115 +206,59 @@ def export_run(
 
     Every servable part becomes <part>.onnx (and <part>.fp16.onnx with fp16), parity-checked at
     batch 1, 7 and max_batch on CPU (and CUDA where onnxruntime has it) before anything is published.
+    Raises CheckpointError, ExportError, ParityError, RepositoryError or ValueError with the reason.
     """
     from training.checkpoint import load_trained_model  # heavy; keeps `import export` light
 
     started = time.perf_counter()
     say = progress or (lambda _message: None)
     run_dir = Path(run_dir)
-    if checkpoint not in CHECKPOINT_CHOICES:
-        raise ValueError(f"checkpoint must be 'last' or 'best', not {checkpoint!r}")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max batch must be a positive integer, got {max_batch!r}")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"keep must be a positive integer (versions to keep), got {keep!r}")
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist; pass the --out directory of genserve-train")
-    if name is not None:
-        validate_model_name(name)
-    repo = repository if isinstance(repository, Repository) else Repository(repository, create=True)
+    _check_arguments(run_dir, name, max_batch, keep, checkpoint)
+    repo = repository if isinstance(repository, Repository) else Repository(repository)
 
     model, config, info, checkpoint_path = load_trained_model(run_dir, checkpoint, device="cpu")
     dataset = info.get("dataset") or config.dataset
     name = name or default_model_name(model.kind, dataset)
-    image_shape = tuple(int(v) for v in info.get("image_shape", model.image_shape))
+    c, h, w = (int(v) for v in info.get("image_shape", model.image_shape))
+    image_shape = (c, h, w)
     if image_shape != tuple(model.image_shape):
         raise ValueError(f"{run_dir}/run.json says image_shape {list(image_shape)}, the model has {list(model.image_shape)}")
-
-    batches = parity_batches(max_batch)
-    providers = providers_to_check()
-    exports: dict[str, _PartExport] = {}
-    for part, module in model.servable_parts().items():
-        say(f"exporting {part}")
-        exports[part] = export_part_checked(
-            part,
-            module,
-            image_shape,  # type: ignore[arg-type]
-            _latent_dim_hint(model),
-            batches=batches,
-            providers=providers,
-            fp16=fp16,
-            tolerance=tolerance,
-            fp16_tolerance=fp16_tolerance,
-            opset=opset,
-        )
-    if not exports:
+    try:
+        parts = model.servable_parts()
+    except NotImplementedError as error:
+        raise ExportError(f"{model.kind} does not implement servable_parts(); nothing to export") from error
+    if not parts:
         raise ExportError(f"{model.kind} returned no servable parts; nothing to export")
 
-    warnings = [
-        f"{s.part} ({s.variant}) was not checked on {s.provider}: {s.reason}"
-        for e in exports.values()
-        for s in e.skipped
-    ]
-    state = _read_json(checkpoint_path / "state.json") or {}
-    metrics = _read_json(run_dir / "metrics.json") or {}
-    signatures = {part: e.signature for part, e in exports.items()}
+    batches, providers = parity_batches(max_batch), providers_to_check()
+    exports: dict[str, _PartExport] = {}
+    for part, module in parts.items():
+        say(f"exporting {part}")
+        exports[part] = export_part_checked(
+            part, module, image_shape, _latent_dim_hint(model),
+            batches=batches, providers=providers, fp16=fp16,
+            tolerance=tolerance, fp16_tolerance=fp16_tolerance, opset=opset,
+        )
+
+    tolerances = {"fp32": tolerance, **({"fp16": fp16_tolerance} if fp16 else {})}
     base = Manifest(
         name=name,
         version=1,  # replaced by the number the repository assigns
         kind=model.kind,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        image_shape=image_shape,  # type: ignore[arg-type]
-        latent_dim=_latent_dim(signatures, model),
+        image_shape=image_shape,
+        latent_dim=_latent_dim({part: e.signature for part, e in exports.items()}, model),
         prior=_prior(model),
         dataset=dataset,
         class_names=info.get("class_names"),
-        parts={
-            part: PartSpec(
-                e.signature.inputs,
-                e.signature.outputs,
-                {
-                    variant: VariantSpec(
-                        graph_file(part, variant),
-                        "float32" if variant == "fp32" else "float16",
-                        (CPU, CUDA) if variant == "fp32" else (CUDA,),
-                    )
-                    for variant in e.graphs
-                },
-            )
-            for part, e in exports.items()
-        },
-        training=json_safe(
-            {
-                "run_dir": str(run_dir.resolve()),
-                "checkpoint": str(checkpoint_path.resolve().relative_to(run_dir.resolve())),
-                "checkpoint_which": checkpoint,
-                "epoch": state.get("epoch"),
-                "step": state.get("step"),
-                "run_git_commit": info.get("git_commit"),
-                "config": config.to_dict(),
-                "final_metrics": metrics.get("final"),
-            }
-        ),
-        exporter={
-            **exporter_info(opset),
-            "seconds": {part: round(e.seconds, 3) for part, e in exports.items()},
-        },
-        parity={
-            "batches": batches,
-            "providers": providers,
-            "inputs": f"uniform [0, 1] images or standard normal latents, torch seed {PARITY_SEED} + batch size",
-            "tolerances": {
-                "fp32": {"atol": tolerance.atol, "rtol": tolerance.rtol},
-                **({"fp16": {"atol": fp16_tolerance.atol, "rtol": fp16_tolerance.rtol}} if fp16 else {}),
-            },
-            "reference": "the float32 PyTorch part on CPU",
-            "results": [r.to_dict() for e in exports.values() for r in e.results],
-            "skipped": [s.to_dict() for e in exports.values() for s in e.skipped],
-        },
+        parts={part: _part_spec(part, e) for part, e in exports.items()},
+        training=_training_record(run_dir, checkpoint_path, checkpoint, config, info),
+        exporter={**exporter_info(opset), "seconds": {part: round(e.seconds, 3) for part, e in exports.items()}},
+        parity=_parity_record(exports, batches, providers, tolerances),
     )
 
     def build(staging: Path, version: int) -> Manifest:
+        # Only metadata_props differ from the parity-checked graphs; the computation is identical.
         manifest = replace(base, version=version)
         for part, e in exports.items():
             for variant, graph in e.graphs.items():
@@ -265,14 +275,10 @@ def export_run(
         path=repo.version_dir(name, version),
         manifest=repo.load_manifest(name, version),
         removed=removed,
-        warnings=warnings,
+        warnings=[
+            f"{s.part} ({s.variant}) was not checked on {s.provider}: {s.reason}"
+            for e in exports.values()
+            for s in e.skipped
+        ],
         seconds=time.perf_counter() - started,
     )
-
-
-def _latent_dim_hint(model: Any) -> int:
-    """The input width of decoders and generators: the prior's dimension, else model.latent_dim."""
-    prior = _prior(model)
-    if prior and isinstance(prior.get("dim"), int):
-        return int(prior["dim"])
-    return int(model.latent_dim)

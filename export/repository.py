@@ -13,6 +13,7 @@ No torch or onnx imports: the server uses this module.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -188,6 +189,27 @@ class Repository:
         """The ONNX file of one part ("encoder", ...) in one variant ("fp32" or "fp16")."""
         manifest = self.load_manifest(name, version)
         return self.version_dir(name, version) / manifest.file_for(part, variant)
+
+    def read_part(self, manifest: Manifest, part: str, variant: str = "fp32") -> bytes:
+        """The bytes of one graph, checked against the manifest's sha256 after reading.
+
+        Pass them to onnxruntime.InferenceSession(data): what is checked is exactly what is loaded,
+        with no window for the file to change between verify() and loading.
+        """
+        fname = manifest.file_for(part, variant)
+        path = self.version_dir(manifest.name, manifest.version) / fname
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as error:
+            raise VerificationError(f"{manifest.name} version {manifest.version}: {fname} is missing") from error
+        expected = manifest.files[fname].sha256
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise VerificationError(
+                f"{manifest.name} version {manifest.version}: {path} has sha256 {actual}, but the manifest "
+                f"expects {expected}; the file was altered or corrupted after publishing. Re-export the model."
+            )
+        return data
 
     # --- publishing -----------------------------------------------------------------------------
     def publish(self, name: str, build: Builder, *, max_attempts: int = 100) -> int:

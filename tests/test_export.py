@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from torch import nn
 
 from export import InvalidNameError, Repository, default_model_name
 from export.cli import main as cli_main
+from export.files import json_safe
 from export.onnx_export import ExportError, describe_part, export_part
 from export.parity import (
     CPU,
@@ -101,6 +101,32 @@ class Exported:
         self.result = result
         self.repo = repo
         self.model: GenerativeModel = load_trained_model(run_dir)[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _build_onnx_registry_once():
+    """Speed only: torch.onnx rebuilds its op registry from onnxscript sources (~1.3 s of CPU) on every
+    export; the in-process exports here share one per opset. The subprocess tests run unpatched."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    except (ImportError, AttributeError, KeyError):  # another torch: just run slower
+        yield
+        return
+    cache: dict[object, object] = {}
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = original.__func__(cls, *args, **kwargs)
+        return cache[key]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        _registration.ONNXRegistry.from_torchlib = original
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +279,21 @@ def test_reexport_creates_next_version_and_keep(exported) -> None:
     repo.clear_serving(name, "test-server")
 
 
+def test_export_of_a_trained_run(tmp_path: Path, mnist_5k) -> None:
+    """The real trainer's run directory (one short epoch) exports as its best checkpoint."""
+    from training.trainer import train
+
+    config = TrainConfig(model="dae", dataset="mnist-5k", out=str(tmp_path / "run"), epochs=1, limit=128, device="cpu")
+    run = train(config, dataset=mnist_5k)
+    result = export_run(run, tmp_path / "repo", checkpoint="best", max_batch=4)
+    manifest = Repository(tmp_path / "repo").verify("mnist-5k-dae", 1)
+    assert result.manifest == manifest and manifest.training["checkpoint"] == "checkpoints/best"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert manifest.training["final_metrics"] == json_safe(metrics["final"])
+    assert manifest.class_names == mnist_5k.class_names and manifest.image_shape == (1, 28, 28)
+    assert manifest.training["run_git_commit"] == json.loads((run / "run.json").read_text())["git_commit"]
+
+
 # --- failures are caught and explained ------------------------------------------------------------
 class Unbounded(nn.Module):
     """A decoder without the final sigmoid: images would leave [0, 1]."""
@@ -373,32 +414,43 @@ def _all_visible_versions_verify(repo: Repository) -> None:
 def test_cli_killed_at_random_moments_never_leaves_a_partial_version(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", "ae", (1, 28, 28), best=True)
     repo = Repository(tmp_path / "repo")
+    for _ in range(2):  # versions 1 and 2, in-process; 1 is being served
+        export_run(run, repo, name="digits", max_batch=1)
+    repo.mark_serving("digits", [1], holder="test-server")
     args = [*_command(), str(run), "--repository", str(repo.root), "--name", "digits"]
     env = {**os.environ, "PYTHONWARNINGS": "default"}  # warnings must still not reach the output
 
     started = time.perf_counter()
-    done = subprocess.run([*args, "--checkpoint", "best"], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    done = subprocess.run(
+        [*args, "--checkpoint", "best", "--keep", "1"], capture_output=True, text=True, env=env, cwd=REPO_ROOT
+    )
     duration = time.perf_counter() - started
     assert done.returncode == 0, done.stderr
-    assert "published digits version 1" in done.stdout and "encoder.onnx" in done.stdout
-    assert "parity: batches [1, 7, 64]" in done.stdout
+    out = done.stdout
+    assert "published digits version 3" in out and "encoder.onnx" in out and "decoder.onnx" in out
+    assert "parity: batches [1, 7, 64]" in out and "removed old versions: 2" in out
     noise = [line for line in done.stderr.splitlines() if not line.endswith("...")]
     assert noise == [], done.stderr  # only the progress lines
-    assert repo.load_manifest("digits", 1).training["checkpoint"] == "checkpoints/best"
+    assert repo.versions("digits") == [1, 3]  # kept: the newest and the served one
+    assert repo.load_manifest("digits", 3).training["checkpoint"] == "checkpoints/best"
 
+    # Random moments: anywhere in the run, and just after "publishing..." where the files are written.
     rng = random.Random(1234)
-    for _ in range(3):
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO_ROOT)
-        time.sleep(rng.uniform(0.4, 1.1) * duration)
-        process.send_signal(signal.SIGKILL)
+    moments = [(None, rng.uniform(0.2, 0.7) * duration)] + [("publishing", rng.uniform(0.0, 0.03)) for _ in range(2)]
+    for after, delay in moments:
+        process = subprocess.Popen(
+            [*args, "--max-batch", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT
+        )
+        if after is not None:
+            for line in process.stderr:
+                if line.startswith(after):
+                    break
+        time.sleep(delay)
+        process.kill()
         process.wait()
+        process.stderr.close()
         _all_visible_versions_verify(repo)
+    assert repo.versions("digits")[:2] == [1, 3]
 
-    repo.mark_serving("digits", [1], holder="test-server")
-    done = subprocess.run([*args, "--keep", "1", "--max-batch", "2"], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
-    assert done.returncode == 0, done.stderr
-    latest = repo.latest("digits")
-    assert repo.versions("digits") == [1, latest]  # kept: the newest and the served one
-    _all_visible_versions_verify(repo)
     repo.clean_stale(max_age_s=0)
     assert [p.name for p in repo.root.iterdir()] == ["digits"]  # killed runs' staging dirs cleaned

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -251,6 +253,15 @@ def test_altered_file_fails_verification_with_hashes(repo: Repository) -> None:
     assert "altered" in message and "re-export" in message
 
 
+def test_read_part_checks_what_it_returns(repo: Repository) -> None:
+    publish(repo)
+    manifest = repo.verify(NAME, 1)
+    assert repo.read_part(manifest, "decoder") == b"graph for version 1"
+    repo.part_path(NAME, 1, "decoder").write_bytes(b"graph for version 2")
+    with pytest.raises(VerificationError, match=f"manifest expects {manifest.files['decoder.onnx'].sha256}"):
+        repo.read_part(manifest, "decoder")
+
+
 def test_missing_and_unlisted_files_fail_verification(repo: Repository) -> None:
     publish(repo, 2)
     repo.part_path(NAME, 1, "decoder").unlink()
@@ -268,6 +279,7 @@ def test_missing_and_unlisted_files_fail_verification(repo: Repository) -> None:
         (lambda m: json.dumps({**m, "format_version": FORMAT_VERSION + 1}), "upgrade genserve"),
         (lambda m: json.dumps({k: v for k, v in m.items() if k != "kind"}), "required field kind is missing"),
         (lambda m: json.dumps({**m, "version": 2}), "lies in mnist-vae/1"),
+        (lambda m: json.dumps({**m, "name": "../mnist-vae"}), "invalid model name"),
         (lambda m: json.dumps({**m, "image": {**m["image"], "shape": [1, 28]}}), "image.shape"),
         (
             lambda m: json.dumps({**m, "files": {**m["files"], "../evil": m["files"]["decoder.onnx"]}}),
@@ -367,3 +379,10 @@ def test_stale_staging_and_unfinished_removals_are_cleaned(repo: Repository) -> 
     assert removing in cleaned and not removing.exists()
     assert not old.exists() and fresh.exists()
     assert repo.versions(NAME) == [1]
+
+
+def test_repository_api_imports_neither_torch_nor_onnx() -> None:
+    """The server imports `export` for the repository API; it must stay light."""
+    code = "import sys, export; export.Repository('.'); print(sorted({'torch', 'onnx', 'onnxruntime'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -154,5 +154,9 @@ def write_final_pictures(
                 break
         latent_pictures(model, dataset, config, out, torch.cat(latents).flatten(1),
                         torch.cat(labels).numpy() if labels else None)
+    if config.model in ("gan", "dcgan", "aae"):  # their own pictures: losses of both players, AAE latents vs prior
+        from training.pictures_adversarial import write_adversarial_pictures
+
+        write_adversarial_pictures(model, dataset, config, run_dir, state, test_loader)
     model.train()
     return sorted(out.glob("*.png"))

@@ -13,6 +13,7 @@ from training.evaluation.reconstruction import per_image_mse, psnr_db
 from training.models import GenerativeModel
 
 VAE_KINDS = ("vae", "dense-vae")
+ADVERSARIAL_KINDS = ("gan", "dcgan", "aae")
 
 
 @torch.no_grad()
@@ -66,4 +67,12 @@ def final_metrics(
         metrics.update(reconstruction_metrics(model, test_loader, noisy=config.model == "dae"))
         if config.model == "dae":
             metrics["noise_factor"] = config.noise_factor
+    if config.model in ADVERSARIAL_KINDS:
+        # Sample quality (see sample_quality.py): fid_domain, class_coverage, parzen_ll_nats where they
+        # apply; fid_inception on CUDA only (genserve-eval computes any of them later, for any sampler).
+        from training.evaluation.sample_quality import default_sample_metrics, sample_quality_metrics
+
+        if config.model == "aae":
+            metrics.update(reconstruction_metrics(model, test_loader, noisy=False))
+        metrics.update(sample_quality_metrics(model, dataset, config, default_sample_metrics(model, dataset)))
     return metrics

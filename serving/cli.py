@@ -1,0 +1,72 @@
+"""genserve-serve: serve a model repository over gRPC (genserve.v1 and the Open Inference Protocol).
+
+    genserve-serve --repository REPO [--host 127.0.0.1] [--port 8001] [--metrics-port 8002]
+                   [--config FILE] [--require-gpu] [--log-json]
+
+Flags override the config file (YAML or TOML; see serving/config.py and docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+
+from serving.config import ConfigError, load_config
+from serving.logs import configure_logging, log_event
+from serving.runtime import GpuRequiredError
+
+log = logging.getLogger("genserve.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genserve-serve", description=__doc__.splitlines()[0])
+    p.add_argument("--repository", help="model repository (written by genserve-export)")
+    p.add_argument("--config", help="YAML or TOML config file; flags override it")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default 8001; 0: any free port)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 8002; 0: any free port)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--poll-interval", type=float, dest="poll_interval_s", help="seconds between repository scans (0: never)")
+    p.add_argument("--grace-period", type=float, dest="grace_period_s", help="seconds in-flight calls get on shutdown")
+    p.add_argument("--inference-threads", type=int, help="threads running onnxruntime sessions")
+    p.add_argument("--require-gpu", action="store_true", default=None, help="refuse to serve any graph on the CPU")
+    p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--tls-cert", help="PEM certificate chain (enables TLS)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it")
+    p.add_argument("--auth-token-file", help="file holding the bearer token every call but health must send")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {
+        k: v for k, v in vars(args).items() if k not in ("config", "no_metrics", "tls_cert", "tls_key", "tls_client_ca")
+    }
+    overrides["tls"] = {"cert_file": args.tls_cert, "key_file": args.tls_key, "client_ca_file": args.tls_client_ca}
+    try:
+        config = load_config(args.config, **overrides)
+    except ConfigError as error:
+        print(f"genserve-serve: error: {error}", file=sys.stderr)
+        return 2
+    if args.no_metrics:
+        config = dataclasses.replace(config, metrics_port=None)
+    configure_logging(config.log_json, config.log_level)
+    try:
+        from serving.server import serve  # imports onnxruntime and the generated code
+
+        return asyncio.run(serve(config))
+    except GpuRequiredError as error:
+        log_event(log, "gpu_required", level=logging.ERROR, error=str(error))
+        return 3
+    except (OSError, RuntimeError, ConfigError) as error:
+        log_event(log, "failed", level=logging.ERROR, error=f"{type(error).__name__}: {error}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

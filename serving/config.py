@@ -1,0 +1,243 @@
+"""Server configuration: dataclasses with defaults, loadable from a YAML or TOML file (--config).
+
+    repository: /srv/models
+    port: 8001
+    metrics_port: 8002
+    poll_interval_s: 5
+    limits: {max_samples_per_request: 512}
+    defaults:                  # every model (ModelSettings)
+      max_batch_size: 64
+      max_queue_delay_us: 2000
+    models:                    # per-model overrides of `defaults`
+      mnist-vae: {max_batch_size: 128, execution_provider: cuda}
+
+Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+VARIANTS = ("fp32", "fp16")
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The configuration file or a setting is invalid; the message names the key."""
+
+
+def _positive(where: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(f"{where} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Per-model serving knobs (batching, runtime); `defaults` and `models.<name>` in the file."""
+
+    max_batch_size: int = 64  # rows per execution; bigger requests are split and reassembled
+    max_queue_delay_us: int = 2000  # how long the first queued request waits for others to join
+    max_queue_size: int = 64  # queued requests per graph; more are rejected with RESOURCE_EXHAUSTED
+    instances: int = 1  # concurrent executions per graph
+    execution_provider: str = "auto"  # auto (CUDA if onnxruntime has it, else CPU) | cpu | cuda | tensorrt
+    intra_op_threads: int = 0  # onnxruntime intra-op threads per session; 0: onnxruntime's default
+    variant: str = "fp32"  # which ONNX file of each part: fp32 or fp16 (falls back to fp32 if absent)
+    warmup_batch_sizes: tuple[int, ...] = ()  # (): 1 and max_batch_size
+    max_loaded_versions: int = 1  # newest versions kept loaded; requests may name any of them
+
+    def validate(self, where: str = "defaults") -> None:
+        for name in ("max_batch_size", "max_queue_size", "instances", "max_loaded_versions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
+        for name in ("max_queue_delay_us", "intra_op_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{where}.{name} must be a non-negative integer, got {value!r}")
+        if self.execution_provider not in EXECUTION_PROVIDERS:
+            raise ConfigError(
+                f"{where}.execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, "
+                f"got {self.execution_provider!r}"
+            )
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"{where}.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.warmup_batch_sizes):
+            raise ConfigError(f"{where}.warmup_batch_sizes must be positive integers, got {self.warmup_batch_sizes!r}")
+
+    @property
+    def warmup_sizes(self) -> tuple[int, ...]:
+        sizes = self.warmup_batch_sizes or (1, self.max_batch_size)
+        return tuple(sorted({min(b, self.max_batch_size) for b in sizes}))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; requests over them end with INVALID_ARGUMENT or RESOURCE_EXHAUSTED."""
+
+    max_message_bytes: int = 64 * MiB  # gRPC send and receive limit
+    max_samples_per_request: int = 1024  # Generate count, Interpolate steps
+    max_images_per_request: int = 1024  # images sent in Encode, Reconstruct, Denoise
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for the gRPC port: cert and key (PEM); with client_ca_file, clients must present a certificate."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    def validate(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("tls.cert_file and tls.key_file go together: give both or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ConfigError("tls.client_ca_file (client certificates) needs tls.cert_file and tls.key_file")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"tls.{name} {path} does not exist")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    repository: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8001  # 0: any free port
+    metrics_port: int | None = 8002  # 0: any free port; null: no metrics endpoint
+    metrics_host: str | None = None  # None: the same as host
+    poll_interval_s: float = 5.0  # repository polling for new versions; 0: never poll
+    require_gpu: bool = False  # refuse to serve a graph that onnxruntime runs on the CPU
+    inference_threads: int = 2  # threads running onnxruntime sessions (off the event loop)
+    grace_period_s: float = 10.0  # on SIGTERM/SIGINT, in-flight calls get this long to finish
+    log_json: bool = False
+    log_level: str = "info"
+    auth_token: str | None = None  # bearer token required on every call but health
+    auth_token_file: str | None = None  # or read it from this file
+    serving_holder: str | None = None  # name of this server's serving mark; None: genserve-<host>-<port>
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: Limits = field(default_factory=Limits)
+    defaults: ModelSettings = field(default_factory=ModelSettings)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ModelSettings overrides
+
+    def validate(self) -> ServerConfig:
+        if not self.repository:
+            raise ConfigError("no model repository: pass --repository REPO or set `repository` in the config file")
+        for name in ("port",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+                raise ConfigError(f"{name} must be a port number (0-65535), got {value!r}")
+        if self.metrics_port is not None and not (
+            isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535
+        ):
+            raise ConfigError(f"metrics_port must be a port number or null, got {self.metrics_port!r}")
+        _positive("poll_interval_s", self.poll_interval_s, allow_zero=True)
+        _positive("grace_period_s", self.grace_period_s, allow_zero=True)
+        if isinstance(self.inference_threads, bool) or not isinstance(self.inference_threads, int) or self.inference_threads < 1:
+            raise ConfigError(f"inference_threads must be a positive integer, got {self.inference_threads!r}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ConfigError("give auth_token or auth_token_file, not both")
+        self.tls.validate()
+        self.limits.validate()
+        self.defaults.validate()
+        for name in self.models:
+            self.settings_for(name)
+        return self
+
+    def settings_for(self, model: str) -> ModelSettings:
+        """`defaults` overlaid with `models.<model>`."""
+        overrides = self.models.get(model) or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"models.{model} must be a mapping of settings, got {overrides!r}")
+        settings = _build(ModelSettings, {**dataclasses.asdict(self.defaults), **overrides}, f"models.{model}")
+        settings.validate(f"models.{model}")
+        return settings
+
+    def token(self) -> str | None:
+        """The bearer token, read from auth_token_file if that is how it was given."""
+        if self.auth_token_file is not None:
+            token = Path(self.auth_token_file).read_text().strip()
+            if not token:
+                raise ConfigError(f"auth_token_file {self.auth_token_file} is empty")
+            return token
+        return self.auth_token
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """A dataclass from a mapping, recursively; unknown keys raise ConfigError naming them."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'the configuration'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
+            f"valid keys{' in ' + where if where else ''}: {', '.join(sorted(known))}"
+        )
+    values = {}
+    for key, value in data.items():
+        hint = hints[key]
+        path = f"{where}.{key}".lstrip(".")
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, path)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list | tuple):
+            value = tuple(value)
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        values[key] = value
+    return cls(**values)
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> ServerConfig:
+    """ServerConfig from a YAML (.yaml/.yml) or TOML (.toml) file, then `overrides` (CLI flags) on top.
+
+    Overrides that are None are ignored; dict overrides are merged into the file's section.
+    The result is validated.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from error
+        try:
+            if path.suffix == ".toml":
+                data = tomllib.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(text) or {}
+            else:
+                raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+            raise ConfigError(f"config file {path} is not valid: {error}") from error
+    for key, value in overrides.items():
+        if isinstance(value, dict):  # nested settings (tls, limits, defaults): merge key by key
+            value = {k: v for k, v in value.items() if v is not None}
+            if not value:
+                continue
+            base = data.get(key)
+            data[key] = {**base, **value} if isinstance(base, dict) else value
+        elif value is not None:
+            data[key] = value
+    return _build(ServerConfig, data, "").validate()

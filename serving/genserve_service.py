@@ -1,0 +1,270 @@
+"""genserve.v1.Genserve: generative operations composed from a version's graphs.
+
+Latents are sampled and interpolated in numpy (serving.latents), never in a graph; every graph
+runs through its batcher. Each call holds a lease on one version from start to end, so a hot
+reload never mixes two versions in one response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import Any
+
+import grpc
+import numpy as np
+
+from serving import codec, latents
+from serving.calls import Call, Calls
+from serving.config import Limits
+from serving.errors import FailedPrecondition, InvalidArgument
+from serving.models import LoadedGraph, LoadedVersion, ModelManager
+from serving.protos import genserve_pb2 as pb
+from serving.protos import genserve_pb2_grpc
+
+
+def _shape(spec_shape: tuple[int | str, ...]) -> list[int]:
+    return [-1 if isinstance(d, str) else int(d) for d in spec_shape]
+
+
+def _prior_message(prior: dict[str, Any] | None) -> pb.Prior | None:
+    if not prior:
+        return None
+    message = pb.Prior(distribution=str(prior.get("distribution", "")), dim=int(prior.get("dim", 0)),
+                       spec_json=json.dumps(prior, sort_keys=True))
+    for key in ("mean", "std", "low", "high"):
+        value = prior.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            setattr(message, key, float(value))
+    if isinstance(prior.get("weights"), list):
+        message.weights.extend(float(w) for w in prior["weights"])
+    if isinstance(prior.get("means"), list):
+        message.means.extend(pb.Vector(values=[float(v) for v in mean]) for mean in prior["means"])
+    return message
+
+
+def _numbers(values: Any) -> dict[str, float]:
+    if not isinstance(values, dict):
+        return {}
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+class GenserveService(genserve_pb2_grpc.GenserveServicer):
+    def __init__(self, manager: ModelManager, calls: Calls, limits: Limits):
+        self.manager = manager
+        self.calls = calls
+        self.limits = limits
+
+    # --- helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _ref(loaded: LoadedVersion) -> pb.ModelRef:
+        return pb.ModelRef(name=loaded.name, version=loaded.version)
+
+    @staticmethod
+    def _latent_graph(loaded: LoadedVersion, operation: str) -> LoadedGraph:
+        graph = loaded.graph("decoder") or loaded.graph("generator")
+        if graph is None:
+            raise FailedPrecondition(
+                f"{operation}: model {loaded.name!r} ({loaded.manifest.kind}) has no decoder or generator; "
+                f"it supports {', '.join(loaded.operations)}"
+            )
+        return graph
+
+    @staticmethod
+    def _require(loaded: LoadedVersion, part: str, operation: str) -> LoadedGraph:
+        graph = loaded.graph(part)
+        if graph is None:
+            raise FailedPrecondition(
+                f"{operation}: model {loaded.name!r} ({loaded.manifest.kind}) has no {part}; "
+                f"it supports {', '.join(loaded.operations)}"
+            )
+        return graph
+
+    async def _images_in(self, images: pb.Images, loaded: LoadedVersion, what: str = "images") -> np.ndarray:
+        shape = loaded.manifest.image_shape
+        if images.WhichOneof("encoding") == "png":  # decoding PNGs is CPU work: off the loop
+            return await asyncio.to_thread(codec.decode_images, images, shape, self.limits.max_images_per_request, what)
+        return codec.decode_images(images, shape, self.limits.max_images_per_request, what)
+
+    @staticmethod
+    async def _images_out(images: np.ndarray, image_format: int) -> pb.Images:
+        if image_format == pb.IMAGE_FORMAT_PNG:
+            return await asyncio.to_thread(codec.encode_images, images, image_format)
+        return codec.encode_images(images, image_format)
+
+    async def _run(self, graph: LoadedGraph, rows: np.ndarray, call: Call) -> list[np.ndarray]:
+        outputs, timing = await graph.infer(rows, call.deadline)
+        call.add(timing)
+        return outputs
+
+    async def _encode_means(self, loaded: LoadedVersion, images: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray | None]:
+        """Images -> (mean or codes, logvar or None)."""
+        outputs = await self._run(self._require(loaded, "encoder", call.method), images, call)
+        return outputs[0], (outputs[1] if len(outputs) > 1 else None)
+
+    def _check_count(self, count: int, what: str) -> int:
+        if count < 1:
+            raise InvalidArgument(f"{what} must be at least 1, got {count}")
+        if count > self.limits.max_samples_per_request:
+            raise InvalidArgument(f"{what} {count} is over the limit of {self.limits.max_samples_per_request} per request")
+        return count
+
+    # --- RPCs -----------------------------------------------------------------------------------
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        async def body(call: Call) -> pb.ListModelsResponse:
+            models = []
+            for name, versions in self.manager.loaded().items():
+                newest = self.manager.resolve(name)
+                models.append(pb.ModelSummary(
+                    name=name, kind=newest.manifest.kind, latest_version=newest.version, versions=versions,
+                    parts=sorted(newest.graphs), ready=True, operations=newest.operations,
+                ))
+            return pb.ListModelsResponse(models=models)
+
+        return await self.calls.run("ListModels", context, body)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
+        async def body(call: Call) -> pb.GetModelResponse:
+            loaded = self.manager.resolve(request.model, request.version)
+            call.bind(loaded.name, loaded.version)
+            m = loaded.manifest
+            c, h, w = m.image_shape
+            parts = [
+                pb.Part(
+                    name=part,
+                    inputs=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=_shape(t.shape)) for t in g.spec.inputs],
+                    outputs=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=_shape(t.shape)) for t in g.spec.outputs],
+                    variant=g.variant,
+                    execution_providers=g.session.providers,
+                    oip_model_name=g.oip_name,
+                )
+                for part, g in sorted(loaded.graphs.items())
+            ]
+            return pb.GetModelResponse(
+                model=self._ref(loaded), kind=m.kind, parts=parts,
+                image_shape=pb.ImageShape(channels=c, height=h, width=w), latent_dim=m.latent_dim or 0,
+                prior=_prior_message(m.prior), class_names=m.class_names or [],
+                versions=self.manager.loaded().get(loaded.name, []),
+                metrics=_numbers(m.training.get("final_metrics")), dataset=m.dataset or "",
+                created_at=m.created_at, operations=loaded.operations, manifest_json=m.to_json().decode(),
+            )
+
+        return await self.calls.run("GetModel", context, body)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        async def body(call: Call) -> pb.GenerateResponse:
+            codec.check_image_format(request.output_format)
+            async with self.manager.use(request.model, request.version) as loaded:
+                call.bind(loaded.name, loaded.version)
+                graph = self._latent_graph(loaded, "Generate")
+                dim = int(graph.spec.inputs[0].shape[1])
+                if request.HasField("latents"):
+                    z = codec.latents_from_tensor(request.latents, dim)
+                    self._check_count(len(z), "the number of latents")
+                    if request.count not in (0, len(z)):
+                        raise InvalidArgument(f"count is {request.count} but {len(z)} latents were given; give 0 or {len(z)}")
+                else:
+                    count = self._check_count(request.count, "count")
+                    prior = loaded.manifest.prior
+                    if not prior:
+                        raise FailedPrecondition(
+                            f"model {loaded.name!r} ({loaded.manifest.kind}) has no prior to sample from; pass latents"
+                        )
+                    if int(prior.get("dim", -1)) != dim:
+                        raise FailedPrecondition(f"the prior's dim {prior.get('dim')} differs from the graph's input ({dim})")
+                    temperature = request.temperature or 1.0
+                    if not (math.isfinite(temperature) and temperature > 0):
+                        raise InvalidArgument(f"temperature must be a positive finite number, got {temperature}")
+                    z = latents.sample_prior(prior, count, request.seed, temperature)
+                images = (await self._run(graph, z, call))[0]
+                response = pb.GenerateResponse(model=self._ref(loaded), images=await self._images_out(images, request.output_format))
+                if request.return_latents:
+                    response.latents.CopyFrom(codec.array_to_tensor(z))
+                return response
+
+        return await self.calls.run("Generate", context, body)
+
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        async def body(call: Call) -> pb.EncodeResponse:
+            async with self.manager.use(request.model, request.version) as loaded:
+                call.bind(loaded.name, loaded.version)
+                self._require(loaded, "encoder", "Encode")
+                images = await self._images_in(request.images, loaded)
+                mean, logvar = await self._encode_means(loaded, images, call)
+                response = pb.EncodeResponse(model=self._ref(loaded))
+                if logvar is None:
+                    response.codes.CopyFrom(codec.array_to_tensor(mean))
+                else:
+                    response.mean.CopyFrom(codec.array_to_tensor(mean))
+                    response.logvar.CopyFrom(codec.array_to_tensor(logvar))
+                return response
+
+        return await self.calls.run("Encode", context, body)
+
+    async def Reconstruct(self, request: pb.ReconstructRequest, context: grpc.aio.ServicerContext) -> pb.ReconstructResponse:
+        async def body(call: Call) -> pb.ReconstructResponse:
+            codec.check_image_format(request.output_format)
+            async with self.manager.use(request.model, request.version) as loaded:
+                call.bind(loaded.name, loaded.version)
+                if loaded.graph("encoder") and loaded.graph("decoder"):
+                    images = await self._images_in(request.images, loaded)
+                    mean, logvar = await self._encode_means(loaded, images, call)
+                    z = latents.sample_posterior(mean, logvar, request.seed) if request.sample and logvar is not None else mean
+                    out = (await self._run(self._require(loaded, "decoder", "Reconstruct"), z, call))[0]
+                elif loaded.graph("denoiser"):
+                    images = await self._images_in(request.images, loaded)
+                    out = (await self._run(self._require(loaded, "denoiser", "Reconstruct"), images, call))[0]
+                else:
+                    raise FailedPrecondition(
+                        f"Reconstruct: model {loaded.name!r} ({loaded.manifest.kind}) has no encoder and decoder; "
+                        f"it supports {', '.join(loaded.operations)}"
+                    )
+                return pb.ReconstructResponse(model=self._ref(loaded), images=await self._images_out(out, request.output_format))
+
+        return await self.calls.run("Reconstruct", context, body)
+
+    async def Denoise(self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext) -> pb.DenoiseResponse:
+        async def body(call: Call) -> pb.DenoiseResponse:
+            codec.check_image_format(request.output_format)
+            async with self.manager.use(request.model, request.version) as loaded:
+                call.bind(loaded.name, loaded.version)
+                graph = self._require(loaded, "denoiser", "Denoise")
+                images = await self._images_in(request.images, loaded)
+                out = (await self._run(graph, images, call))[0]
+                return pb.DenoiseResponse(model=self._ref(loaded), images=await self._images_out(out, request.output_format))
+
+        return await self.calls.run("Denoise", context, body)
+
+    async def Interpolate(self, request: pb.InterpolateRequest, context: grpc.aio.ServicerContext) -> pb.InterpolateResponse:
+        async def body(call: Call) -> pb.InterpolateResponse:
+            codec.check_image_format(request.output_format)
+            if request.method not in pb.InterpolationMethod.values():
+                raise InvalidArgument(f"method {request.method} is not an InterpolationMethod")
+            steps = request.steps
+            if steps < 2:
+                raise InvalidArgument(f"steps must be at least 2 (both endpoints are included), got {steps}")
+            self._check_count(steps, "steps")
+            async with self.manager.use(request.model, request.version) as loaded:
+                call.bind(loaded.name, loaded.version)
+                graph = self._latent_graph(loaded, "Interpolate")
+                dim = int(graph.spec.inputs[0].shape[1])
+                endpoints = request.WhichOneof("endpoints")
+                if endpoints == "latents":
+                    pair = codec.latents_from_tensor(request.latents.latents, dim, "latents.latents")
+                elif endpoints == "images":
+                    self._require(loaded, "encoder", "Interpolate between images")
+                    images = await self._images_in(request.images.images, loaded, "images.images")
+                    pair = (await self._encode_means(loaded, images, call))[0]
+                else:
+                    raise InvalidArgument("give the endpoints: images (two images) or latents (two latents)")
+                if len(pair) != 2:
+                    raise InvalidArgument(f"interpolation needs exactly 2 endpoints, got {len(pair)}")
+                path = latents.interpolate(pair[0], pair[1], steps, request.method == pb.INTERPOLATION_METHOD_SPHERICAL)
+                out = (await self._run(graph, path, call))[0]
+                return pb.InterpolateResponse(
+                    model=self._ref(loaded), images=await self._images_out(out, request.output_format),
+                    latents=codec.array_to_tensor(path),
+                )
+
+        return await self.calls.run("Interpolate", context, body)

@@ -1,0 +1,295 @@
+"""inference.GRPCInferenceService: the Open Inference Protocol (KServe v2) with Triton's extensions.
+
+Every exported graph is a model here, named `<model>.<part>` (e.g. mnist-vae.decoder), with the
+genserve model's loaded versions as its versions. ModelInfer goes through the same batchers as
+genserve.v1. Repository load/unload act on the whole genserve model (all its parts share
+versions). Shared memory, tracing, log settings and streaming are not supported (UNIMPLEMENTED).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+
+import grpc
+import numpy as np
+
+from serving.calls import Call, Calls, ServerState
+from serving.config import Limits
+from serving.errors import InvalidArgument, NotFound, ServingError
+from serving.models import LoadedGraph, ModelManager, check_name, parse_version, split_oip_name
+from serving.protos import grpc_service_pb2 as pb
+from serving.protos import grpc_service_pb2_grpc
+from serving.protos import model_config_pb2 as mc
+
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
+FP32 = "FP32"
+
+
+def server_version() -> str:
+    try:
+        return version("genserve")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _dims(shape: tuple[int | str, ...]) -> list[int]:
+    return [-1 if isinstance(d, str) else int(d) for d in shape]
+
+
+def _duration(d) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def _model_name(name: str) -> str:
+    """RepositoryModelLoad/Unload take a genserve model or one of its parts (<model>.<part>)."""
+    try:
+        return split_oip_name(name)[0]
+    except ServingError:
+        return check_name(name)
+
+
+class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, manager: ModelManager, calls: Calls, limits: Limits, state: ServerState):
+        self.manager = manager
+        self.calls = calls
+        self.limits = limits
+        self.state = state
+
+    # --- health ---------------------------------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.manager.ready and not self.state.shutting_down)
+
+    async def ModelReady(self, request, context):
+        async def body(call: Call) -> pb.ModelReadyResponse:
+            try:
+                async with self.manager.use_graph(request.name, request.version):
+                    return pb.ModelReadyResponse(ready=True)
+            except (NotFound, ServingError):
+                return pb.ModelReadyResponse(ready=False)
+
+        return await self.calls.run("ModelReady", context, body)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="genserve", version=server_version(), extensions=EXTENSIONS)
+
+    # --- models ---------------------------------------------------------------------------------
+    async def ModelMetadata(self, request, context):
+        async def body(call: Call) -> pb.ModelMetadataResponse:
+            async with self.manager.use_graph(request.name, request.version) as graph:
+                call.bind(graph.model, graph.version)
+                tensor = pb.ModelMetadataResponse.TensorMetadata
+                return pb.ModelMetadataResponse(
+                    name=graph.oip_name,
+                    versions=[str(v) for v in self.manager.loaded().get(graph.model, [])],
+                    platform=PLATFORM,
+                    inputs=[tensor(name=t.name, datatype=FP32, shape=_dims(t.shape)) for t in graph.spec.inputs],
+                    outputs=[tensor(name=t.name, datatype=FP32, shape=_dims(t.shape)) for t in graph.spec.outputs],
+                )
+
+        return await self.calls.run("ModelMetadata", context, body)
+
+    async def ModelConfig(self, request, context):
+        async def body(call: Call) -> pb.ModelConfigResponse:
+            async with self.manager.use_graph(request.name, request.version) as graph:
+                call.bind(graph.model, graph.version)
+                return pb.ModelConfigResponse(config=self._config(graph))
+
+        return await self.calls.run("ModelConfig", context, body)
+
+    def _config(self, graph: LoadedGraph) -> mc.ModelConfig:
+        loaded = self.manager.resolve(graph.model, graph.version)
+        s = loaded.settings
+        return mc.ModelConfig(
+            name=graph.oip_name,
+            platform=PLATFORM,
+            backend="onnxruntime",
+            max_batch_size=s.max_batch_size,
+            version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=s.max_loaded_versions)),
+            input=[mc.ModelInput(name=t.name, data_type=mc.TYPE_FP32, dims=_dims(t.shape[1:])) for t in graph.spec.inputs],
+            output=[mc.ModelOutput(name=t.name, data_type=mc.TYPE_FP32, dims=_dims(t.shape[1:])) for t in graph.spec.outputs],
+            dynamic_batching=mc.ModelDynamicBatching(
+                max_queue_delay_microseconds=s.max_queue_delay_us,
+                default_queue_policy=mc.ModelQueuePolicy(max_queue_size=s.max_queue_size),
+            ),
+            instance_group=[mc.ModelInstanceGroup(
+                count=s.instances, kind=mc.ModelInstanceGroup.KIND_GPU if graph.session.on_gpu else mc.ModelInstanceGroup.KIND_CPU,
+            )],
+            default_model_filename=graph.session.path.name,
+            parameters={
+                "execution_provider": mc.ModelParameter(string_value=graph.session.provider),
+                "variant": mc.ModelParameter(string_value=graph.variant),
+                "genserve_kind": mc.ModelParameter(string_value=loaded.manifest.kind),
+            },
+        )
+
+    async def ModelStatistics(self, request, context):
+        async def body(call: Call) -> pb.ModelStatisticsResponse:
+            graphs: list[LoadedGraph] = []
+            if request.name:
+                model, part = split_oip_name(request.name)
+                number = parse_version(request.version)
+                versions = [number] if number else self.manager.loaded().get(model, [])
+                if not versions:
+                    self.manager.resolve(model)  # raises NotFound saying why
+                for v in versions:
+                    graph = self.manager.resolve(model, v).graph(part)
+                    if graph is None:
+                        raise NotFound(f"model {model!r} version {v} has no part {part!r}")
+                    graphs.append(graph)
+            else:
+                for model, versions in self.manager.loaded().items():
+                    for v in versions:
+                        graphs += sorted(self.manager.resolve(model, v).graphs.values(), key=lambda g: g.part)
+            stats = []
+            for g in graphs:
+                s = g.stats
+                stats.append(pb.ModelStatistics(
+                    name=g.oip_name, version=str(g.version), last_inference=s.last_inference_ms,
+                    inference_count=s.inference_count, execution_count=s.execution_count,
+                    inference_stats=pb.InferStatistics(
+                        success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
+                        compute_infer=_duration(s.compute),
+                    ),
+                    batch_stats=[
+                        pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
+                        for size, d in sorted(s.batches.items())
+                    ],
+                ))
+            return pb.ModelStatisticsResponse(model_stats=stats)
+
+        return await self.calls.run("ModelStatistics", context, body)
+
+    # --- inference ------------------------------------------------------------------------------
+    async def ModelInfer(self, request, context):
+        async def body(call: Call) -> pb.ModelInferResponse:
+            async with self.manager.use_graph(request.model_name, request.model_version) as graph:
+                call.bind(graph.model, graph.version)
+                rows = self._input(request, graph)
+                outputs, timing = await graph.infer(rows, call.deadline)
+                call.add(timing)
+                names = [t.name for t in graph.spec.outputs]
+                wanted = [o.name for o in request.outputs] or names
+                unknown = [n for n in wanted if n not in names]
+                if unknown:
+                    raise InvalidArgument(f"{graph.oip_name} has no output {unknown[0]!r}; its outputs are {names}")
+                response = pb.ModelInferResponse(
+                    model_name=graph.oip_name, model_version=str(graph.version), id=request.id,
+                )
+                for name in wanted:
+                    array = np.ascontiguousarray(outputs[names.index(name)], dtype="<f4")
+                    response.outputs.add(name=name, datatype=FP32, shape=list(array.shape))
+                    response.raw_output_contents.append(array.tobytes())
+                return response
+
+        return await self.calls.run("ModelInfer", context, body)
+
+    def _input(self, request: pb.ModelInferRequest, graph: LoadedGraph) -> np.ndarray:
+        """The one input tensor as float32 (N, ...), from raw_input_contents or contents.fp32_contents."""
+        spec = graph.spec.inputs[0]
+        if len(request.inputs) != 1:
+            raise InvalidArgument(f"{graph.oip_name} takes exactly one input ({spec.name!r}), got {len(request.inputs)}")
+        tensor = request.inputs[0]
+        if tensor.name != spec.name:
+            raise InvalidArgument(f"{graph.oip_name} has no input {tensor.name!r}; its input is {spec.name!r}")
+        if tensor.datatype != FP32:
+            raise InvalidArgument(f"input {spec.name!r} must be FP32, got {tensor.datatype!r}")
+        dims = [int(d) for d in spec.shape[1:]]
+        shape = list(tensor.shape)
+        if len(shape) != len(dims) + 1 or shape[1:] != dims or shape[0] < 1:
+            raise InvalidArgument(f"input {spec.name!r} must have shape [N, {', '.join(map(str, dims))}] with N >= 1, got {shape}")
+        limit = self.limits.max_images_per_request if len(dims) == 3 else self.limits.max_samples_per_request
+        if shape[0] > limit:
+            raise InvalidArgument(f"input {spec.name!r} has {shape[0]} rows, over the limit of {limit} per request")
+        count = math.prod(shape)
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
+                raise InvalidArgument("give the input either in raw_input_contents (one entry) or in contents, not both")
+            raw = request.raw_input_contents[0]
+            if len(raw) != count * 4:
+                raise InvalidArgument(f"input {spec.name!r}: {len(raw)} bytes of raw data, shape {shape} of FP32 needs {count * 4}")
+            array = np.frombuffer(raw, dtype="<f4").reshape(shape)
+        else:
+            values = tensor.contents.fp32_contents
+            if len(values) != count:
+                raise InvalidArgument(
+                    f"input {spec.name!r}: {len(values)} values in contents.fp32_contents, shape {shape} needs {count}"
+                )
+            array = np.asarray(values, dtype=np.float32).reshape(shape)
+        if not np.isfinite(array).all():
+            raise InvalidArgument(f"input {spec.name!r} contains NaN or infinite values")
+        return array
+
+    # --- repository -----------------------------------------------------------------------------
+    async def RepositoryIndex(self, request, context):
+        async def body(call: Call) -> pb.RepositoryIndexResponse:
+            index = pb.RepositoryIndexResponse.ModelIndex
+            models = []
+            for entry in await self.manager.index(ready_only=request.ready):
+                names = [f"{entry.name}.{part}" for part in entry.parts] or [entry.name]
+                for name in names:
+                    models.append(index(name=name, version="" if entry.version is None else str(entry.version),
+                                        state=entry.state, reason=entry.reason))
+            return pb.RepositoryIndexResponse(models=models)
+
+        return await self.calls.run("RepositoryIndex", context, body)
+
+    async def RepositoryModelLoad(self, request, context):
+        async def body(call: Call) -> pb.RepositoryModelLoadResponse:
+            name = _model_name(request.model_name)
+            if request.parameters:
+                raise InvalidArgument(
+                    f"load parameters are not supported (got {sorted(request.parameters)}); genserve loads "
+                    "the newest valid version from its repository"
+                )
+            loaded = await self.manager.load(name, explicit=True)
+            call.bind(loaded.name, loaded.version)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self.calls.run("RepositoryModelLoad", context, body)
+
+    async def RepositoryModelUnload(self, request, context):
+        async def body(call: Call) -> pb.RepositoryModelUnloadResponse:
+            name = _model_name(request.model_name)
+            call.bind(name, "")
+            await self.manager.unload(name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self.calls.run("RepositoryModelUnload", context, body)
+
+    # --- not supported --------------------------------------------------------------------------
+    async def _unsupported(self, context, what: str):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"genserve does not support {what}")
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        await self._unsupported(context, "streaming inference (use ModelInfer)")
+        yield pb.ModelStreamInferResponse()  # pragma: no cover - abort raises
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        await self._unsupported(context, "system shared memory")
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await self._unsupported(context, "system shared memory")
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        await self._unsupported(context, "system shared memory")
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        await self._unsupported(context, "CUDA shared memory")
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await self._unsupported(context, "CUDA shared memory")
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        await self._unsupported(context, "CUDA shared memory")
+
+    async def TraceSetting(self, request, context):
+        await self._unsupported(context, "trace settings")
+
+    async def LogSettings(self, request, context):
+        await self._unsupported(context, "log settings")

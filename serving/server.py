@@ -1,0 +1,172 @@
+"""The gRPC server: genserve.v1.Genserve and inference.GRPCInferenceService on one port, with
+grpc.health.v1 and server reflection, Prometheus metrics on their own port, and graceful shutdown.
+
+Start-up: bind, start (health NOT_SERVING), load and warm up every model, then SERVING and start
+polling the repository. Shutdown (SIGTERM/SIGINT): health NOT_SERVING, new calls refused,
+in-flight calls get grace_period_s to finish, models unloaded, serving marks removed, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from export import Repository
+from serving.auth import BearerTokenInterceptor
+from serving.calls import Calls, ServerState
+from serving.config import ServerConfig
+from serving.genserve_service import GenserveService
+from serving.inference_service import InferenceService
+from serving.logs import log_event
+from serving.metrics import ServerMetrics
+from serving.models import ModelManager, holder_name
+from serving.protos import genserve_pb2, genserve_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from serving.runtime import GPU_PROVIDERS, GpuRequiredError, available_providers
+
+log = logging.getLogger("genserve.server")
+GENSERVE_SERVICE = genserve_pb2.DESCRIPTOR.services_by_name["Genserve"].full_name
+INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICES = ("", GENSERVE_SERVICE, INFERENCE_SERVICE)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    key, cert = Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes()  # type: ignore[arg-type]
+    client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+class GenserveServer:
+    """One server process's gRPC server, model manager and metrics endpoint."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.state = ServerState()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.manager: ModelManager | None = None
+        self._executor = ThreadPoolExecutor(config.inference_threads, thread_name_prefix="genserve-infer")
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind and serve; returns once the initial models are loaded and health is SERVING."""
+        config = self.config
+        if config.require_gpu and not set(available_providers()) & set(GPU_PROVIDERS):
+            raise GpuRequiredError(
+                f"--require-gpu: onnxruntime offers only {available_providers()}; install onnxruntime-gpu "
+                "(the genserve[gpu] extra) on a machine with a CUDA GPU, or drop --require-gpu"
+            )
+        token = config.token()
+        interceptors = [BearerTokenInterceptor(token, self.metrics)] if token else []
+        limit = config.limits.max_message_bytes
+        self._server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        address = f"{config.host}:{config.port}"
+        credentials = _credentials(config)
+        self.port = (
+            self._server.add_secure_port(address, credentials) if credentials else self._server.add_insecure_port(address)
+        )
+        if not is_loopback(config.host):
+            if credentials is None:
+                log_event(log, "insecure_listen", level=logging.WARNING, host=config.host,
+                          hint="traffic is unencrypted: set tls.cert_file and tls.key_file")
+            if token is None:
+                log_event(log, "unauthenticated_listen", level=logging.WARNING, host=config.host,
+                          hint="anyone who reaches the port can call it: set auth_token_file")
+        repository = Repository(config.repository)
+        holder = config.serving_holder or holder_name(config.host, self.port)
+        self.manager = ModelManager(repository, config, self.metrics, self._executor, holder)
+        calls = Calls(self.metrics, self.state)
+        genserve_pb2_grpc.add_GenserveServicer_to_server(
+            GenserveService(self.manager, calls, config.limits), self._server
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceService(self.manager, calls, config.limits, self.state), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (GENSERVE_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        for service in HEALTH_SERVICES:
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.start()
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
+        log_event(log, "listening", host=config.host, port=self.port, metrics_port=self.metrics_port,
+                  tls=credentials is not None, auth=token is not None, repository=str(repository.root))
+        await self.manager.load_all()
+        for service in HEALTH_SERVICES:
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.manager.start_polling(config.poll_interval_s)
+        log_event(log, "serving", models=",".join(f"{n}:{vs[-1]}" for n, vs in self.manager.loaded().items()) or None)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
+        if self.state.shutting_down:
+            await self._stopped.wait()
+            return
+        grace = self.config.grace_period_s if grace is None else grace
+        self.state.shutting_down = True
+        log_event(log, "shutting_down", grace_s=grace)
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.manager is not None:
+            await self.manager.close()
+        self.metrics.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        log_event(log, "stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit status."""
+    server = GenserveServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = loop.create_task(server.start())
+    stopping = loop.create_task(stop.wait())
+    done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting in done and starting.exception() is not None:
+        stopping.cancel()
+        await server.stop(0)
+        raise starting.exception()  # type: ignore[misc]
+    await stopping
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+    await server.stop()
+    return 0

@@ -1,0 +1,254 @@
+"""Shared helpers for the serving and client tests (no tests here).
+
+`model_repository()` trains a tiny run of every registered model kind on mnist-5k (64 images, one
+epoch) and exports each as `mnist-<kind>` version 1 into a repository. That takes a minute or two
+on a small CPU, so the result is cached across test sessions in .pytest_cache, keyed by a hash of
+the training and export sources and the library versions; tests copy it before changing it.
+`RunningServer` runs a GenserveServer on its own event loop in a thread, on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+import grpc
+import pytest
+
+from export import Manifest, Repository
+from serving.config import ModelSettings, ServerConfig
+from serving.server import GenserveServer
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE_FORMAT = "1"  # bump to rebuild cached repositories after changing how they are made
+TRAIN_IMAGES = 64
+
+
+def registered_kinds() -> list[str]:
+    from training.config import MODEL_KINDS
+    from training.models import model_class
+
+    kinds = []
+    for kind in MODEL_KINDS:
+        try:
+            model_class(kind)
+        except ValueError:
+            continue
+        kinds.append(kind)
+    return kinds
+
+
+def model_name(kind: str) -> str:
+    return f"mnist-{kind}"
+
+
+def _sources_key() -> str:
+    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    for folder in ("training", "export"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
+    for package in ("torch", "onnx", "onnxscript", "onnxruntime", "numpy"):
+        digest.update(f"{package}={package_version(package)}".encode())
+    return digest.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _fast_onnx_exports() -> Iterator[None]:
+    """Speed only (as in test_export.py): share torch.onnx's op registry between exports."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+    cache: dict[object, object] = {}
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = original.__func__(cls, *args, **kwargs)
+        return cache[key]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        _registration.ONNXRegistry.from_torchlib = original
+
+
+def _build_repository(target: Path) -> None:
+    """Train and export every kind into target/repo (runs in target/runs)."""
+    from export.pipeline import export_run
+    from training.config import TrainConfig
+    from training.data.registry import load_dataset
+    from training.data.types import ImageDataset
+    from training.trainer import train
+
+    full = load_dataset("mnist-5k")
+    n = TRAIN_IMAGES
+    small = ImageDataset(
+        full.name, full.train_images[:n], full.train_labels[:n], full.test_images[:n], full.test_labels[:n],
+        full.class_names,
+    )
+    repo = Repository(target / "repo", create=True)
+    with _fast_onnx_exports():
+        for kind in registered_kinds():
+            run = target / "runs" / kind
+            config = TrainConfig(
+                model=kind, dataset="mnist-5k", epochs=1, limit=n, batch_size=32, nll_k=2, nll_images=8,
+                fid_samples=n, out=str(run),
+            )
+            train(config, dataset=small)
+            export_run(run, repo, name=model_name(kind), max_batch=8)
+
+
+def model_repository(cache_root: Path) -> Path:
+    """The cached repository of every kind (built on first use); never modify it, copy it."""
+    key_dir = cache_root / _sources_key()
+    done = key_dir / "DONE"
+    if done.is_file():
+        return key_dir / "repo"
+    key_dir.mkdir(parents=True, exist_ok=True)
+    with open(key_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            for leftover in ("repo", "runs"):
+                shutil.rmtree(key_dir / leftover, ignore_errors=True)
+            _build_repository(key_dir)
+            done.write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    for old in cache_root.iterdir():  # drop repositories of older sources
+        if old.is_dir() and old != key_dir:
+            shutil.rmtree(old, ignore_errors=True)
+    return key_dir / "repo"
+
+
+@pytest.fixture(scope="session")
+def golden_repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only: the cached repository with mnist-<kind> version 1 of every kind."""
+    try:
+        cache_root = Path(request.config.cache.mkdir("genserve-serving-models"))
+    except (AttributeError, OSError):  # no cache provider, or a read-only checkout
+        cache_root = tmp_path_factory.mktemp("genserve-serving-models")
+    return model_repository(cache_root)
+
+
+def copy_repository(source: Path, target: Path, names: list[str] | None = None) -> Repository:
+    """A private copy of (some models of) a repository, without serving marks."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.is_dir() and not entry.name.startswith(".") and (names is None or entry.name in names):
+            shutil.copytree(entry, target / entry.name, ignore=shutil.ignore_patterns(".serving"))
+    return Repository(target)
+
+
+def publish_copy(repo: Repository, name: str, version: int, new_name: str | None = None) -> int:
+    """Publish version `version` of `name` again (as a new version of `new_name`, default `name`)."""
+    source = repo.version_dir(name, version)
+    manifest = repo.load_manifest(name, version)
+    target = new_name or name
+
+    def build(staging: Path, new_version: int) -> Manifest:
+        for file in manifest.files:
+            shutil.copyfile(source / file, staging / file)
+        return dataclasses.replace(manifest, name=target, version=new_version, files={})
+
+    return repo.publish(target, build)
+
+
+def server_config(repository: Path, **overrides) -> ServerConfig:
+    """A config for tests: loopback, any free ports, one thread each, fast batching, no polling."""
+    defaults = overrides.pop("defaults", {})
+    config = ServerConfig(
+        repository=str(repository),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        poll_interval_s=0,
+        inference_threads=1,
+        grace_period_s=2.0,
+        defaults=ModelSettings(**{"intra_op_threads": 1, "max_queue_delay_us": 500, **defaults}),
+    )
+    return dataclasses.replace(config, **overrides).validate()
+
+
+
+class RunningServer:
+    """A GenserveServer on its own event loop in a daemon thread."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.server = GenserveServer(config)
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="genserve-test-server", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as error:  # reported by start()
+            self._error = error
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_until_complete(self.server.wait_stopped())
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+
+    def start(self, timeout: float = 120) -> RunningServer:
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError("the test server did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def run(self, coroutine, timeout: float = 60):
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self, grace: float = 0.5) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.run(self.server.stop(grace))
+            self._thread.join(30)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    """Poll predicate() until it returns something truthy; returns that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def environment_for_subprocess() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
