@@ -25,7 +25,9 @@ demo: install
 	rm -rf $(DEMO_DIR)
 	$(BIN)/genserve-train vae --dataset mnist-5k --epochs $(DEMO_EPOCHS) --batch-size 32 --latent-dim 2 --nll-k 50 --nll-images 500 --out $(DEMO_DIR)/vae
 	$(BIN)/genserve-train dae --dataset mnist-5k --epochs $(DEMO_EPOCHS) --batch-size 32 --out $(DEMO_DIR)/dae
-	@echo "pictures: $(DEMO_DIR)/vae/plots $(DEMO_DIR)/dae/plots"
+	$(BIN)/genserve-export $(DEMO_DIR)/vae --repository $(DEMO_DIR)/repository --name mnist-vae
+	$(BIN)/genserve-export $(DEMO_DIR)/dae --repository $(DEMO_DIR)/repository --name mnist-dae
+	@echo "pictures: $(DEMO_DIR)/vae/plots $(DEMO_DIR)/dae/plots  models: $(DEMO_DIR)/repository"
 
 test: install
 	$(BIN)/python -m pytest -q --timeout 600

@@ -24,7 +24,12 @@ class BuildPyWithProtos(build_py):
         finally:
             sys.path.remove(str(root))
         if protos_build.PROTOS.is_dir():
-            protos_build.build()
+            try:
+                protos_build.build()
+            except protos_build.GrpcToolsMissing as error:
+                # An isolated build environment without grpcio-tools: serving.protos generates the
+                # code on first import instead (grpcio-tools is a runtime dependency too).
+                print(f"warning: not generating serving/generated/ now: {error}", file=sys.stderr)
         generated = sorted(
             ".".join(p.parent.relative_to(root).parts)
             for p in (root / "serving" / "generated").rglob("__init__.py")

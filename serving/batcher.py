@@ -1,8 +1,8 @@
 """A dynamic batcher for one graph: concurrent requests are merged into batches on a thread pool.
 
-A request (rows of one input tensor) joins a bounded queue. A worker takes the oldest request,
-waits at most max_queue_delay_us (from that request's arrival) for more to fill max_batch_size
-rows, runs the concatenated batch with `run` in the executor, and hands each request its rows of
+A request (rows of one input tensor) joins a bounded queue. A worker waits until the queue holds
+max_batch_size rows or its oldest request has waited max_queue_delay_us, takes the requests that
+fit, runs the concatenated batch with `run` in the executor, and hands each request its rows of
 the outputs. A request bigger than max_batch_size is split into chunks that are queued together
 and reassembled. The queue holds at most max_queue_size requests (chunks); more are rejected
 with ResourceExhausted. A request whose deadline has passed is dropped before it runs
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -169,43 +170,49 @@ class DynamicBatcher:
             return True
         return False
 
-    def _pop_live(self, now: float) -> _Item | None:
-        item = self._queue.popleft()
-        if item.future.done() or self._expired(item, now):
-            return None
-        return item
+    def _queued_rows(self) -> int:
+        """Rows of the live requests at the head of the queue, counting up to max_batch_size."""
+        rows = 0
+        for item in self._queue:
+            if not item.future.done():
+                rows += len(item.rows)
+                if rows >= self.max_batch_size:
+                    break
+        return rows
 
     async def _next_batch(self) -> list[_Item]:
+        """Wait until the queue holds a full batch or its oldest request has waited max_queue_delay,
+        then take requests from the head while they fit. Waiting requests stay in the queue (they
+        count towards max_queue_size and can be cancelled) until their batch is taken."""
         loop = asyncio.get_running_loop()
-        first = None
-        while first is None:
-            while not self._queue:
+        while True:
+            while self._queue and (self._queue[0].future.done() or self._expired(self._queue[0], loop.time())):
+                self._queue.popleft()
+            if not self._queue:
+                self._observer.queue_depth(0)
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            first = self._pop_live(loop.time())
-        batch, rows = [first], len(first.rows)
-        close_at = first.enqueued + self.max_queue_delay
-        while rows < self.max_batch_size:
-            if self._queue:
-                head = self._queue[0]
-                if head.future.done() or self._expired(head, loop.time()):
-                    self._queue.popleft()
-                    continue
-                if rows + len(head.rows) > self.max_batch_size:
-                    break
-                batch.append(self._queue.popleft())
-                rows += len(head.rows)
                 continue
-            remaining = close_at - loop.time()
-            if remaining <= 0:
+            close_at = self._queue[0].enqueued + self.max_queue_delay
+            if loop.time() >= close_at or self._queued_rows() >= self.max_batch_size:
                 break
             self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), close_at - loop.time())
+        batch: list[_Item] = []
+        rows = 0
+        now = loop.time()
+        while self._queue:
+            head = self._queue[0]
+            if head.future.done() or self._expired(head, now):
+                self._queue.popleft()
+                continue
+            if batch and rows + len(head.rows) > self.max_batch_size:
                 break
+            batch.append(self._queue.popleft())
+            rows += len(head.rows)
         self._observer.queue_depth(len(self._queue))
-        return [item for item in batch if not item.future.done()]
+        return batch
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()

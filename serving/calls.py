@@ -48,9 +48,32 @@ class Call:
 
 @dataclass
 class ServerState:
-    """Set by the server: while `shutting_down`, new calls are refused with UNAVAILABLE."""
+    """Shared by the server and its calls: while `shutting_down`, new calls are refused with
+    UNAVAILABLE; `in_flight` counts the calls running now (streams such as health Watch excluded)."""
 
     shutting_down: bool = False
+    in_flight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    def call_started(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def call_ended(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call runs (True) or `timeout` seconds pass (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 class Calls:
@@ -75,6 +98,7 @@ class Calls:
         call = Call(method, request_id, deadline)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         code, details = grpc.StatusCode.OK, ""
+        self.state.call_started()
         try:
             if self.state.shutting_down:
                 raise Unavailable("the server is shutting down; retry on another instance")
@@ -89,6 +113,8 @@ class Calls:
             log.exception("unexpected error in %s (request id %s)", method, request_id)
             code = grpc.StatusCode.INTERNAL
             details = f"internal error in {method} ({type(error).__name__}); request id {request_id}"
+        finally:
+            self.state.call_ended()
         self._record(call, code, started, details)
         if code != grpc.StatusCode.OK:
             await context.abort(code, details, trailing_metadata=((REQUEST_ID_KEY, request_id),))

@@ -44,10 +44,17 @@ def _prior_message(prior: dict[str, Any] | None) -> pb.Prior | None:
     return message
 
 
-def _numbers(values: Any) -> dict[str, float]:
+def _numbers(values: Any, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a metrics dict, nested keys joined with '.' (class_coverage.3)."""
     if not isinstance(values, dict):
         return {}
-    return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    result = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            result.update(_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            result[f"{prefix}{key}"] = float(value)
+    return result
 
 
 class GenserveService(genserve_pb2_grpc.GenserveServicer):

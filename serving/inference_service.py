@@ -22,6 +22,7 @@ from serving.models import LoadedGraph, ModelManager, check_name, parse_version,
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc
 from serving.protos import model_config_pb2 as mc
+from serving.statistics import Duration
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
@@ -39,7 +40,7 @@ def _dims(shape: tuple[int | str, ...]) -> list[int]:
     return [-1 if isinstance(d, str) else int(d) for d in shape]
 
 
-def _duration(d) -> pb.StatisticDuration:
+def _duration(d: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
@@ -59,27 +60,27 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self.state = state
 
     # --- health ---------------------------------------------------------------------------------
-    async def ServerLive(self, request, context):
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.manager.ready and not self.state.shutting_down)
 
-    async def ModelReady(self, request, context):
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         async def body(call: Call) -> pb.ModelReadyResponse:
             try:
                 async with self.manager.use_graph(request.name, request.version):
                     return pb.ModelReadyResponse(ready=True)
-            except (NotFound, ServingError):
+            except ServingError:
                 return pb.ModelReadyResponse(ready=False)
 
         return await self.calls.run("ModelReady", context, body)
 
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="genserve", version=server_version(), extensions=EXTENSIONS)
 
     # --- models ---------------------------------------------------------------------------------
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         async def body(call: Call) -> pb.ModelMetadataResponse:
             async with self.manager.use_graph(request.name, request.version) as graph:
                 call.bind(graph.model, graph.version)
@@ -94,7 +95,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await self.calls.run("ModelMetadata", context, body)
 
-    async def ModelConfig(self, request, context):
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
         async def body(call: Call) -> pb.ModelConfigResponse:
             async with self.manager.use_graph(request.name, request.version) as graph:
                 call.bind(graph.model, graph.version)
@@ -128,7 +129,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             },
         )
 
-    async def ModelStatistics(self, request, context):
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
         async def body(call: Call) -> pb.ModelStatisticsResponse:
             graphs: list[LoadedGraph] = []
             if request.name:
@@ -166,7 +167,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self.calls.run("ModelStatistics", context, body)
 
     # --- inference ------------------------------------------------------------------------------
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         async def body(call: Call) -> pb.ModelInferResponse:
             async with self.manager.use_graph(request.model_name, request.model_version) as graph:
                 call.bind(graph.model, graph.version)
@@ -226,7 +227,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return array
 
     # --- repository -----------------------------------------------------------------------------
-    async def RepositoryIndex(self, request, context):
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         async def body(call: Call) -> pb.RepositoryIndexResponse:
             index = pb.RepositoryIndexResponse.ModelIndex
             models = []
@@ -239,7 +240,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await self.calls.run("RepositoryIndex", context, body)
 
-    async def RepositoryModelLoad(self, request, context):
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
         async def body(call: Call) -> pb.RepositoryModelLoadResponse:
             name = _model_name(request.model_name)
             if request.parameters:
@@ -253,7 +254,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await self.calls.run("RepositoryModelLoad", context, body)
 
-    async def RepositoryModelUnload(self, request, context):
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
         async def body(call: Call) -> pb.RepositoryModelUnloadResponse:
             name = _model_name(request.model_name)
             call.bind(name, "")
@@ -263,33 +264,35 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self.calls.run("RepositoryModelUnload", context, body)
 
     # --- not supported --------------------------------------------------------------------------
-    async def _unsupported(self, context, what: str):
+    async def _unsupported(self, context: grpc.aio.ServicerContext, what: str) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"genserve does not support {what}")
 
-    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         await self._unsupported(context, "streaming inference (use ModelInfer)")
         yield pb.ModelStreamInferResponse()  # pragma: no cover - abort raises
 
-    async def SystemSharedMemoryStatus(self, request, context):
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext) -> None:
         await self._unsupported(context, "system shared memory")
 
-    async def SystemSharedMemoryRegister(self, request, context):
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext) -> None:
         await self._unsupported(context, "system shared memory")
 
-    async def SystemSharedMemoryUnregister(self, request, context):
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext) -> None:
         await self._unsupported(context, "system shared memory")
 
-    async def CudaSharedMemoryStatus(self, request, context):
+    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext) -> None:
         await self._unsupported(context, "CUDA shared memory")
 
-    async def CudaSharedMemoryRegister(self, request, context):
+    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext) -> None:
         await self._unsupported(context, "CUDA shared memory")
 
-    async def CudaSharedMemoryUnregister(self, request, context):
+    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext) -> None:
         await self._unsupported(context, "CUDA shared memory")
 
-    async def TraceSetting(self, request, context):
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext) -> None:
         await self._unsupported(context, "trace settings")
 
-    async def LogSettings(self, request, context):
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext) -> None:
         await self._unsupported(context, "log settings")

@@ -268,7 +268,7 @@ class ModelManager:
             try:
                 if version is None:
                     version = await self._in_loader(self.repository.latest, name)
-            except RepositoryError as error:
+            except (RepositoryError, OSError) as error:
                 raise Unavailable(f"cannot read the model repository: {error}") from None
             if version is None:
                 raise NotFound(f"model {name!r} has no valid version in the repository {self.repository.root}")
@@ -278,20 +278,22 @@ class ModelManager:
             if (name, version) in self._failed and not explicit:
                 raise FailedPrecondition(f"model {name!r} version {version} was refused: {self._failed[(name, version)]}")
             settings = self.config.settings_for(name)
-            self._mark(name, {*current, version})
+            await self._in_loader(self._mark, name, {*current, version})
             self._loading.add(name)
             log_event(log, "version_loading", model=name, version=version)
             started = time.perf_counter()
             try:
                 manifest, sessions = await self._in_loader(self._prepare, name, version, settings)
-            except LoadError as error:
-                self._failed[(name, version)] = str(error)
-                self.metrics.load_failures.labels(name, error.stage).inc()
+            except Exception as error:  # LoadError, or anything unforeseen: the version is refused either way
+                failure = error if isinstance(error, LoadError) else LoadError("load", f"{type(error).__name__}: {error}")
+                self._failed[(name, version)] = str(failure)
+                self.metrics.load_failures.labels(name, failure.stage).inc()
                 log_event(
-                    log, "version_refused", level=logging.ERROR, model=name, version=version, stage=error.stage, reason=str(error)
+                    log, "version_refused", level=logging.ERROR, model=name, version=version, stage=failure.stage,
+                    reason=str(failure),
                 )
-                self._mark(name, set(current))
-                raise FailedPrecondition(f"model {name!r} version {version} was refused ({error.stage}): {error}") from None
+                await self._in_loader(self._mark, name, set(current))
+                raise FailedPrecondition(f"model {name!r} version {version} was refused ({failure.stage}): {failure}") from None
             finally:
                 self._loading.discard(name)
             self._failed.pop((name, version), None)
@@ -383,6 +385,7 @@ class ModelManager:
         self.metrics.models_ready.set(total)
 
     def _mark(self, name: str, versions: set[int]) -> None:
+        """Blocking (loader thread): rewrite this server's serving mark for `name`."""
         try:
             if versions:
                 self.repository.mark_serving(name, versions, self.holder)
@@ -413,7 +416,7 @@ class ModelManager:
         for graph in loaded.graphs.values():
             await graph.batcher.close()
             self.metrics.provider.labels(loaded.name, str(loaded.version), graph.part, graph.session.provider).set(0)
-        self._mark(loaded.name, set(self._versions.get(loaded.name, {})))
+        await self._in_loader(self._mark, loaded.name, set(self._versions.get(loaded.name, {})))
         log_event(log, "version_unloaded", model=loaded.name, version=loaded.version)
 
     async def unload(self, name: str) -> list[int]:
@@ -522,8 +525,7 @@ class ModelManager:
                 self._retire(name, version)
         await self.drained()
         for name in list(self._locks):
-            with contextlib.suppress(OSError, RepositoryError, InvalidNameError):
-                self.repository.clear_serving(name, self.holder)
+            await self._in_loader(self._mark, name, set())
         self._loader.shutdown(wait=False, cancel_futures=True)
         self.ready = False
 

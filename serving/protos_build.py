@@ -20,34 +20,64 @@ import re
 import shutil
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 GENERATED = PACKAGE_DIR / "generated"
 PROTOS = PACKAGE_DIR.parent / "protos"
 STAMP = "PROTOS_SHA256"
-GENERATED_PACKAGE = "serving.generated"
-# (proto root relative to PROTOS, files relative to that root, output dir relative to GENERATED).
-# Triton's files are compiled from their own directory so their descriptors are named exactly as
-# in tritonclient ("grpc_service.proto"): then both can live in one process's descriptor pool.
-UNITS = (
-    ("", ("genserve/v1/genserve.proto",), ""),
-    ("inference", ("grpc_service.proto", "model_config.proto"), "inference"),
+GENERATED_MODULES = (
+    "genserve/v1/genserve_pb2.py",
+    "genserve/v1/genserve_pb2_grpc.py",
+    "inference/grpc_service_pb2.py",
+    "inference/grpc_service_pb2_grpc.py",
+    "inference/model_config_pb2.py",
 )
+GENERATED_PACKAGE = "serving.generated"
+# (proto root relative to PROTOS, files relative to that root, output dir relative to GENERATED,
+# whether the modules get a private descriptor pool). Triton's files are compiled from their own
+# directory so their descriptors are named as in Triton ("grpc_service.proto"), and registered in a
+# private pool: tritonclient (any version) registers the same names and symbols in the default
+# pool, and a process may import both.
+UNITS = (
+    ("", ("genserve/v1/genserve.proto",), "", False),
+    ("inference", ("grpc_service.proto", "model_config.proto"), "inference", True),
+)
+PRIVATE_POOL_MODULE = "_pool"
+PRIVATE_POOL_SOURCE = '''"""The descriptor pool of the inference.* messages (kept apart from the default pool)."""
+
+from google.protobuf import descriptor_pool
+
+POOL = descriptor_pool.DescriptorPool()
+'''
 
 
 class ProtoBuildError(RuntimeError):
     """The .proto files could not be compiled, or generated code is missing and cannot be made."""
 
 
+class GrpcToolsMissing(ProtoBuildError):
+    """grpcio-tools (the compiler) is not installed."""
+
+
 def proto_files(protos: Path = PROTOS) -> list[Path]:
-    return sorted(protos / root / name for root, names, _ in UNITS for name in names)
+    return sorted(protos / root / name for root, names, _, _ in UNITS for name in names)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
 
 
 def sources_hash(protos: Path = PROTOS) -> str:
-    """sha256 over the .proto files' relative paths and contents (and this builder's rules)."""
+    """sha256 over the .proto files' relative paths and contents, this builder's rules, and the
+    grpcio-tools and protobuf versions (generated code must not be newer than the runtime)."""
     digest = hashlib.sha256()
     digest.update(Path(__file__).read_bytes())  # a change in how code is generated also rebuilds
+    digest.update(f"grpcio-tools={_version('grpcio-tools')} protobuf={_version('protobuf')}".encode())
     for path in proto_files(protos):
         digest.update(str(path.relative_to(protos)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
@@ -69,17 +99,32 @@ def _rewrite_imports(path: Path, top_modules: dict[str, str]) -> None:
     path.write_text(text)
 
 
+def _use_private_pool(path: Path, package: str) -> None:
+    """Register the module's descriptors in `package`'s private pool instead of the default one."""
+    text = path.read_text()
+    default = "_descriptor_pool.Default().AddSerializedFile("
+    if default not in text:
+        raise ProtoBuildError(f"{path}: protoc's output changed; cannot find {default!r}")
+    text = text.replace(default, f"{PRIVATE_POOL_MODULE}.POOL.AddSerializedFile(")
+    text = text.replace(
+        "# @@protoc_insertion_point(imports)",
+        f"# @@protoc_insertion_point(imports)\nfrom {package} import {PRIVATE_POOL_MODULE}",
+        1,
+    )
+    path.write_text(text)
+
+
 def _compile(out: Path, protos: Path) -> None:
     try:
         from grpc_tools import protoc
     except ImportError as error:
-        raise ProtoBuildError(
+        raise GrpcToolsMissing(
             "grpcio-tools is needed to generate serving/generated/ from protos/: pip install grpcio-tools"
         ) from error
     import importlib.resources
 
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
-    for root, names, target in UNITS:
+    for root, names, target, private_pool in UNITS:
         target_dir = out / target
         target_dir.mkdir(parents=True, exist_ok=True)
         args = [
@@ -100,6 +145,10 @@ def _compile(out: Path, protos: Path) -> None:
             rewrites = {Path(n).stem + "_pb2": package for n in names}
         for path in target_dir.rglob("*.py*"):
             _rewrite_imports(path, rewrites)
+            if private_pool and path.name.endswith("_pb2.py"):
+                _use_private_pool(path, package)
+        if private_pool:
+            (target_dir / f"{PRIVATE_POOL_MODULE}.py").write_text(PRIVATE_POOL_SOURCE)
     for directory in [out, *(p for p in out.rglob("*") if p.is_dir())]:
         (directory / "__init__.py").touch()
     (out / "README").write_text(
@@ -142,7 +191,7 @@ def ensure_generated() -> None:
     if PROTOS.is_dir():
         if not is_current():
             build()
-    elif not (GENERATED / STAMP).is_file():
+    elif not all((GENERATED / module).is_file() for module in GENERATED_MODULES):
         raise ProtoBuildError(
             f"{GENERATED} is missing and {PROTOS} is not there to generate it from; reinstall genserve"
         )

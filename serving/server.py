@@ -16,13 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from export import Repository
 from serving.auth import BearerTokenInterceptor
 from serving.calls import Calls, ServerState
 from serving.config import ServerConfig
+from serving.decoding import RequestDecodingInterceptor
 from serving.genserve_service import GenserveService
 from serving.inference_service import InferenceService
 from serving.logs import log_event
@@ -44,6 +47,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """A pool with the files of every service served, for server reflection (the inference.*
+    messages live in a private pool, not the default one reflection would search)."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name not in added:
+            for dependency in file.dependencies:
+                add(dependency)
+            pool.AddSerializedFile(file.serialized_pb)
+            added.add(file.name)
+
+    for file in (genserve_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        add(file)
+    return pool
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -79,7 +100,8 @@ class GenserveServer:
                 "(the genserve[gpu] extra) on a machine with a CUDA GPU, or drop --require-gpu"
             )
         token = config.token()
-        interceptors = [BearerTokenInterceptor(token, self.metrics)] if token else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(token, self.metrics)] if token else []
+        interceptors.append(RequestDecodingInterceptor())
         limit = config.limits.max_message_bytes
         self._server = grpc.aio.server(
             interceptors=interceptors,
@@ -113,7 +135,9 @@ class GenserveServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (GENSERVE_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (GENSERVE_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server,
+            pool=reflection_pool(),
         )
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -138,7 +162,12 @@ class GenserveServer:
         log_event(log, "shutting_down", grace_s=grace)
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace)
+            # While in-flight calls finish (at most `grace`), the port stays open: new calls are
+            # answered UNAVAILABLE ("shutting down") and health checks NOT_SERVING. Then stop(0)
+            # cancels whatever is left and ends the streams (health Watch).
+            drained = await self.state.wait_idle(grace)
+            log_event(log, "calls_drained" if drained else "grace_period_over", in_flight=self.state.in_flight)
+            await self._server.stop(0)
         if self.manager is not None:
             await self.manager.close()
         self.metrics.stop()

@@ -3,7 +3,8 @@
 `model_repository()` trains a tiny run of every registered model kind on mnist-5k (64 images, one
 epoch) and exports each as `mnist-<kind>` version 1 into a repository. That takes a minute or two
 on a small CPU, so the result is cached across test sessions in .pytest_cache, keyed by a hash of
-the training and export sources and the library versions; tests copy it before changing it.
+the model, checkpoint, config and export sources and the library versions; tests copy it before
+changing it.
 `RunningServer` runs a GenserveServer on its own event loop in a thread, on 127.0.0.1.
 """
 
@@ -53,10 +54,12 @@ def model_name(kind: str) -> str:
 
 
 def _sources_key() -> str:
+    """What the exported graphs depend on: the model code, checkpoints, config, the exporter, versions."""
     digest = hashlib.sha256(CACHE_FORMAT.encode())
-    for folder in ("training", "export"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            digest.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
+    sources = [*(ROOT / "training" / "models").rglob("*.py"), ROOT / "training" / "checkpoint.py",
+               ROOT / "training" / "config.py", *(ROOT / "export").rglob("*.py")]
+    for path in sorted(sources):
+        digest.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
     for package in ("torch", "onnx", "onnxscript", "onnxruntime", "numpy"):
         digest.update(f"{package}={package_version(package)}".encode())
     return digest.hexdigest()[:20]
@@ -111,6 +114,8 @@ def _build_repository(target: Path) -> None:
             )
             train(config, dataset=small)
             export_run(run, repo, name=model_name(kind), max_batch=8)
+            shutil.rmtree(run)  # checkpoints, pictures and logs: only the repository is kept
+    shutil.rmtree(target / "runs", ignore_errors=True)
 
 
 def model_repository(cache_root: Path) -> Path:
@@ -206,8 +211,12 @@ class RunningServer:
         self.loop.run_until_complete(self.server.wait_stopped())
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
 
-    def start(self, timeout: float = 120) -> RunningServer:
+    def start(self, timeout: float = 120, wait: bool = True) -> RunningServer:
+        """Start the thread; with `wait`, return once the server is SERVING (or raise why not)."""
         self._thread.start()
+        return self.wait_started(timeout) if wait else self
+
+    def wait_started(self, timeout: float = 120) -> RunningServer:
         if not self._started.wait(timeout):
             raise TimeoutError("the test server did not start")
         if self._error is not None:

@@ -1,0 +1,153 @@
+"""genserve-serve as a process: graceful shutdown on SIGTERM/SIGINT with in-flight calls, JSON
+logs with request ids, exit codes of the command line."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_serving_support import (
+    copy_repository,
+    environment_for_subprocess,
+    golden_repository,  # noqa: F401 - a fixture
+)
+
+from export import Repository
+from serving.protos import genserve_pb2 as pb
+from serving.protos import genserve_pb2_grpc
+
+Code = grpc.StatusCode
+
+
+class ServerProcess:
+    """`python -m serving.cli ... --log-json` with its stderr parsed into events."""
+
+    def __init__(self, args: list[str]):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli", *args, "--log-json", "--port", "0", "--metrics-port", "0"],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment_for_subprocess(),
+        )
+        self.events: list[dict] = []
+        self._lines: queue.Queue[dict] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:  # type: ignore[union-attr]
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = {"event": "unparsed", "line": line}
+            self.events.append(event)
+            self._lines.put(event)
+
+    def wait_for(self, name: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self._lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            if event.get("event") == name:
+                return event
+        raise AssertionError(f"no {name!r} event; got {self.events}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def repo(golden_repository: Path, tmp_path: Path) -> Repository:  # noqa: F811
+    return copy_repository(golden_repository, tmp_path / "repo", ["mnist-vae"])
+
+
+def test_sigterm_lets_in_flight_calls_finish_then_exits_0(repo: Repository, tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"  # requests wait 1.5 s in the batcher: in flight when SIGTERM comes
+    config.write_text("defaults: {intra_op_threads: 1}\nmodels:\n  mnist-vae: {max_queue_delay_us: 1500000}\n")
+    server = ServerProcess(["--repository", str(repo.root), "--config", str(config), "--grace-period", "10"])
+    try:
+        port = server.wait_for("listening")["port"]
+        server.wait_for("serving")
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        genserve = genserve_pb2_grpc.GenserveStub(channel)
+        statuses: list[int] = []
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+
+        def follow() -> None:
+            try:
+                for response in watch:
+                    statuses.append(response.status)
+            except grpc.RpcError:
+                pass
+
+        threading.Thread(target=follow, daemon=True).start()
+        in_flight = [
+            genserve.Generate.future(pb.GenerateRequest(model="mnist-vae", count=2, seed=i),
+                                     metadata=(("x-request-id", f"inflight-{i}"),))
+            for i in range(3)
+        ]
+        time.sleep(0.4)
+        assert not any(f.done() for f in in_flight)
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for("shutting_down")
+        with pytest.raises(grpc.RpcError) as refused:
+            genserve.Generate(pb.GenerateRequest(model="mnist-vae", count=1), timeout=5)
+        assert refused.value.code() == Code.UNAVAILABLE and "shutting down" in refused.value.details()
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        results = [f.result(timeout=20) for f in in_flight]
+        assert [r.model.version for r in results] == [1, 1, 1]
+        assert server.process.wait(20) == 0
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
+        assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+        rpcs = [e for e in server.events if e.get("event") == "rpc" and e.get("method") == "Generate"]
+        assert {e["request_id"] for e in rpcs if e["code"] == "OK"} == {"inflight-0", "inflight-1", "inflight-2"}
+        assert all(e["level"] in ("info", "warning") and "ts" in e for e in server.events)
+        assert [e["event"] for e in server.events][-1] == "stopped"
+        assert repo.serving_versions("mnist-vae") == set()
+        channel.close()
+    finally:
+        server.kill()
+
+
+def test_sigint_exits_0(repo: Repository) -> None:
+    server = ServerProcess(["--repository", str(repo.root), "--no-metrics"])
+    try:
+        server.wait_for("serving")
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(20) == 0
+    finally:
+        server.kill()
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=60,
+                          env=environment_for_subprocess())
+
+
+def test_cli_refuses_bad_configuration(tmp_path: Path) -> None:
+    result = _run_cli("--port", "1")
+    assert result.returncode == 2 and "no model repository" in result.stderr
+    config = tmp_path / "bad.toml"
+    config.write_text('repository = "/x"\n[defaults]\nmax_batch_size = "big"\n')
+    result = _run_cli("--config", str(config))
+    assert result.returncode == 2 and "defaults.max_batch_size must be a positive integer" in result.stderr
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
+def test_require_gpu_refuses_the_cpu(repo: Repository) -> None:
+    result = _run_cli("--repository", str(repo.root), "--require-gpu", "--port", "0", "--no-metrics")
+    assert result.returncode == 3 and "--require-gpu" in result.stderr and "onnxruntime-gpu" in result.stderr
