@@ -31,6 +31,16 @@ GAN_LOSSES = {"loss", "d_loss", "g_loss", "d_real", "d_fake"}
 AAE_LOSSES = GAN_LOSSES | {"recon"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tests are small, and on a busy 2-core machine two OpenMP threads
+    fighting other processes run many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def smooth_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
     c, h, w = shape
     g = torch.Generator().manual_seed(seed)

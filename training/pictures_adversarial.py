@@ -80,7 +80,8 @@ def latent_prior_picture(
     density = prior.marginal_density(np.stack([gx.ravel(), gy.ravel()], axis=1), (0, 1)).reshape(gx.shape)
 
     fig, ax = plt.subplots(figsize=(7, 6))
-    ax.contourf(gx, gy, density, levels=12, cmap="Greys", alpha=0.5)
+    ax.contourf(gx, gy, density, levels=12, cmap="Greys", alpha=0.35)
+    ax.contour(gx, gy, density, levels=6, colors="k", linewidths=0.7, alpha=0.7)
     if labels is None:
         ax.scatter(points[:, 0], points[:, 1], s=3, alpha=0.6)
     else:
@@ -147,8 +148,9 @@ def write_adversarial_pictures(
         keys = [k for k in ("d_loss", "g_loss", "recon") if any(k in p for p in points)]
         written.append(plots.series(out / "adversarial_losses.png", points, keys, f"{title}: losses", "loss"))
         ylabel = "mean D output (probability of real)"
+        what = "D(prior sample) against D(encoder code)" if config.model == "aae" else "D(x) against D(G(z))"
         written.append(plots.series(out / "discriminator_outputs.png", points, ["d_real", "d_fake"],
-                                    f"{title}: D(x) (real) against D(G(z)) (fake)", ylabel))
+                                    f"{title}: {what}", ylabel))
     if config.model == "aae":
         codes, labels = test_codes(model, test_loader)
         how = "2-D latent" if codes.shape[1] == 2 else f"first 2 of {codes.shape[1]} latent dims"
