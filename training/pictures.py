@@ -78,19 +78,21 @@ def latent_pictures(
                              f"{title}: test-set latents ({latents.shape[1]}-D, PCA)", ("PC 1", "PC 2"))
 
     if latents.shape[1] == 2 and model.can_sample:
-        # Decode a grid over the standard normal prior's quantiles, as in Kingma & Welling (2014).
+        # Decode a grid over the prior's quantiles in each dimension (Kingma & Welling 2014, fig. 4);
+        # quantiles of prior draws, so wide or multimodal priors (AAE) are covered as well as N(0, I).
+        draws = model.prior_sample(20000, torch.Generator().manual_seed(0)).float().cpu()
         quantiles = torch.linspace(0.05, 0.95, MANIFOLD_STEPS)
-        values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
-        names = ("z[0] (prior quantiles)", "z[1] (prior quantiles)")
-        grid = torch.stack([torch.stack([x, y]) for y in values.flip(0) for x in values])
+        xs, ys = torch.quantile(draws[:, 0], quantiles), torch.quantile(draws[:, 1], quantiles)
+        names = ("z[0] (prior quantiles 5-95%)", "z[1] (prior quantiles 5-95%)")
+        grid = torch.stack([torch.stack([x, y]) for y in ys.flip(0) for x in xs])
     else:
         # Walk the two principal directions of the test latents, +-2 standard deviations.
         mean, axes, std = principal_axes(latents)
-        values = torch.linspace(-2.0, 2.0, MANIFOLD_STEPS)
+        xs = ys = torch.linspace(-2.0, 2.0, MANIFOLD_STEPS)
         names = ("PC 1 (standard deviations)", "PC 2 (standard deviations)")
-        grid = torch.stack([mean + x * std[0] * axes[0] + y * std[1] * axes[1] for y in values.flip(0) for x in values])
+        grid = torch.stack([mean + x * std[0] * axes[0] + y * std[1] * axes[1] for y in ys.flip(0) for x in xs])
     images = model.decode(grid.to(model.device)).float().cpu()
-    plots.manifold(out / "latent_manifold.png", images, values.tolist(), values.tolist(),
+    plots.manifold(out / "latent_manifold.png", images, xs.tolist(), ys.tolist(),
                    f"{title}: latent manifold", names)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.cache import cache_dir
 from training.data.errors import DatasetError, DatasetMissingError, fix_command
 from training.data.types import ImageDataset
 
@@ -240,14 +241,6 @@ def _to_dataset(arrays: dict[str, np.ndarray]) -> ImageDataset:
         torch.from_numpy(arrays["test_labels"].astype(np.int64)),
         [str(name) for name in arrays["class_names"]],
     )
-
-
-def cache_dir() -> Path:
-    """$GENSERVE_CACHE, else $XDG_CACHE_HOME/genserve, else ~/.cache/genserve."""
-    if os.environ.get("GENSERVE_CACHE"):
-        return Path(os.environ["GENSERVE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "genserve"
 
 
 def cache_path(source: Path) -> Path:

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from training.cache import cache_dir
 from training.data.types import ImageDataset
 
 log = logging.getLogger("genserve.eval")
@@ -66,13 +67,6 @@ class DomainClassifier(nn.Module):
         return features, self.head(features)
 
 
-def cache_dir() -> Path:
-    if os.environ.get("GENSERVE_CACHE"):
-        return Path(os.environ["GENSERVE_CACHE"]) / "classifiers"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "genserve" / "classifiers"
-
-
 def training_subset(dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
     if dataset.train_labels is None or dataset.test_labels is None or dataset.num_classes < 2:
         raise ValueError(
@@ -89,7 +83,7 @@ def cache_path(dataset: ImageDataset) -> Path:
     for tensor in (images, labels, dataset.test_images, dataset.test_labels):
         key.update(tensor.contiguous().cpu().numpy().tobytes())
     name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in dataset.name)
-    return cache_dir() / f"{name}-{key.hexdigest()[:20]}.safetensors"
+    return cache_dir("classifiers") / f"{name}-{key.hexdigest()[:20]}.safetensors"
 
 
 @torch.no_grad()
