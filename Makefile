@@ -1,5 +1,6 @@
 # The two commands of README.md:
-#   make demo   install everything, then run the main job end to end on the embedded mnist-5k dataset
+#   make demo   install everything, then run the main job end to end on the embedded mnist-5k dataset:
+#               train, export, serve, call the server, read /metrics, stop
 #   make test   install everything, then run the test suite
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -8,9 +9,12 @@ BIN := $(VENV)/bin
 ORT ?= cpu
 DEMO_DIR ?= runs/demo
 DEMO_EPOCHS ?= 3
+REPO ?= $(DEMO_DIR)/repository
+PORT ?= 8001
+METRICS_PORT ?= 8002
 export GENSERVE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo serve test lint
 
 $(BIN)/.installed-$(ORT): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +26,10 @@ $(BIN)/.installed-$(ORT): pyproject.toml
 install: $(BIN)/.installed-$(ORT)
 
 demo: install
-	rm -rf $(DEMO_DIR)
-	$(BIN)/genserve-train vae --dataset mnist-5k --epochs $(DEMO_EPOCHS) --batch-size 32 --latent-dim 2 --nll-k 50 --nll-images 500 --out $(DEMO_DIR)/vae
-	$(BIN)/genserve-train dae --dataset mnist-5k --epochs $(DEMO_EPOCHS) --batch-size 32 --out $(DEMO_DIR)/dae
-	$(BIN)/genserve-export $(DEMO_DIR)/vae --repository $(DEMO_DIR)/repository --name mnist-vae
-	$(BIN)/genserve-export $(DEMO_DIR)/dae --repository $(DEMO_DIR)/repository --name mnist-dae
-	@echo "pictures: $(DEMO_DIR)/vae/plots $(DEMO_DIR)/dae/plots  models: $(DEMO_DIR)/repository"
+	GENSERVE_BIN=$(abspath $(BIN)) DEMO_DIR=$(DEMO_DIR) DEMO_EPOCHS=$(DEMO_EPOCHS) bash scripts/demo.sh
+
+serve: install
+	$(BIN)/genserve-serve --repository $(REPO) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: install
 	$(BIN)/python -m pytest -q --timeout 600
