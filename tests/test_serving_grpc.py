@@ -566,7 +566,7 @@ def test_oip_statistics_index_and_unsupported(inference) -> None:
 
 
 def test_tritonclient_live_metadata_and_infer(server, direct) -> None:
-    tritonclient = pytest.importorskip("tritonclient.grpc")
+    import tritonclient.grpc as tritonclient
     client = tritonclient.InferenceServerClient(url=server.address)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mnist-vae.decoder")
     meta = client.get_model_metadata("mnist-vae.decoder")

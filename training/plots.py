@@ -115,6 +115,10 @@ def latent_scatter(
     return _save(fig, path)
 
 
+def _tick(value: float) -> str:
+    return f"{round(value, 4) + 0.0:.2g}"  # + 0.0 turns -0.0 into 0; rounding hides float noise such as -8.9e-08
+
+
 def manifold(
     path: Path,
     images: torch.Tensor,
@@ -134,8 +138,8 @@ def manifold(
         vmax=1,
         extent=(-0.5, n - 0.5, -0.5, len(y_values) - 0.5),
     )
-    ax.set_xticks(range(n), [f"{v:.2g}" for v in x_values], rotation=90, fontsize=7)
-    ax.set_yticks(range(len(y_values)), [f"{v:.2g}" for v in y_values], fontsize=7)
+    ax.set_xticks(range(n), [_tick(v) for v in x_values], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(y_values)), [_tick(v) for v in y_values], fontsize=7)
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
     ax.set_title(title)

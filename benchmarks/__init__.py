@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): serving_bench and training_bench; see docs/benchmarks.md."""
