@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx_speed import fast_onnx_exports
 from torch import nn
 
 from export import InvalidNameError, Repository, default_model_name
@@ -105,28 +106,8 @@ class Exported:
 
 @pytest.fixture(scope="module", autouse=True)
 def _build_onnx_registry_once():
-    """Speed only: torch.onnx rebuilds its op registry from onnxscript sources (~1.3 s of CPU) on every
-    export; the in-process exports here share one per opset. The subprocess tests run unpatched."""
-    try:
-        from torch.onnx._internal.exporter import _registration
-
-        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
-    except (ImportError, AttributeError, KeyError):  # another torch: just run slower
+    with fast_onnx_exports():
         yield
-        return
-    cache: dict[object, object] = {}
-
-    def from_torchlib(cls, *args, **kwargs):
-        key = (cls, args, tuple(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = original.__func__(cls, *args, **kwargs)
-        return cache[key]
-
-    _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
-    try:
-        yield
-    finally:
-        _registration.ONNXRegistry.from_torchlib = original
 
 
 @pytest.fixture(scope="module")

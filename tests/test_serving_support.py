@@ -19,12 +19,12 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from importlib.metadata import version as package_version
 from pathlib import Path
 
 import grpc
 import pytest
+from onnx_speed import fast_onnx_exports
 
 from export import Manifest, Repository
 from serving.config import ModelSettings, ServerConfig
@@ -65,31 +65,6 @@ def _sources_key() -> str:
     return digest.hexdigest()[:20]
 
 
-@contextlib.contextmanager
-def _fast_onnx_exports() -> Iterator[None]:
-    """Speed only (as in test_export.py): share torch.onnx's op registry between exports."""
-    try:
-        from torch.onnx._internal.exporter import _registration
-
-        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
-    except (ImportError, AttributeError, KeyError):
-        yield
-        return
-    cache: dict[object, object] = {}
-
-    def from_torchlib(cls, *args, **kwargs):
-        key = (cls, args, tuple(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = original.__func__(cls, *args, **kwargs)
-        return cache[key]
-
-    _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
-    try:
-        yield
-    finally:
-        _registration.ONNXRegistry.from_torchlib = original
-
-
 def _build_repository(target: Path) -> None:
     """Train and export every kind into target/repo (runs in target/runs)."""
     from export.pipeline import export_run
@@ -105,7 +80,7 @@ def _build_repository(target: Path) -> None:
         full.class_names,
     )
     repo = Repository(target / "repo", create=True)
-    with _fast_onnx_exports():
+    with fast_onnx_exports():
         for kind in registered_kinds():
             run = target / "runs" / kind
             config = TrainConfig(
