@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from serving.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from serving.logs import log_event
 
 log = logging.getLogger("genserve.batcher")
@@ -113,7 +113,8 @@ class DynamicBatcher:
     async def infer(self, rows: np.ndarray, deadline: float | None = None) -> tuple[list[np.ndarray], Timing]:
         """Run `rows` (N, ...) as part of batches; returns the outputs (N, ...) and the timing.
 
-        `deadline` is in loop.time() seconds. Raises ResourceExhausted (queue full), DeadlineExceeded,
+        `deadline` is in loop.time() seconds. Raises InvalidArgument (more chunks than the queue can ever hold),
+        ResourceExhausted (queue full), DeadlineExceeded,
         Unavailable (closing) or Internal (the graph failed).
         """
         if self._closed:
@@ -123,6 +124,12 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         chunks = [rows[i : i + self.max_batch_size] for i in range(0, len(rows), self.max_batch_size)]
+        if len(chunks) > self.max_queue_size:  # could never be queued, however empty the queue: no retry helps
+            raise InvalidArgument(
+                f"{self.name}: {len(rows)} rows need {len(chunks)} batches of at most {self.max_batch_size}, "
+                f"more than the queue holds ({self.max_queue_size}); send at most "
+                f"{self.max_batch_size * self.max_queue_size} rows per request, or raise max_queue_size"
+            )
         if len(self._queue) + len(chunks) > self.max_queue_size:
             self._observer.rejected("queue_full")
             raise ResourceExhausted(

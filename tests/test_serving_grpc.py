@@ -346,7 +346,7 @@ def _bad_requests(digits_shape=(2, *IMAGE_SHAPE)):
         ("Interpolate", pb.InterpolateRequest(model="mnist-vae", steps=3,
                                               latents=pb.LatentPair(latents=codec.array_to_tensor(np.zeros((3, 16), np.float32)))),
          Code.INVALID_ARGUMENT, "exactly 2 endpoints"),
-        ("Generate", pb.GenerateRequest(model=TIGHT, count=8), Code.RESOURCE_EXHAUSTED, "needs 4 batches of at most 2"),
+        ("Generate", pb.GenerateRequest(model=TIGHT, count=8), Code.INVALID_ARGUMENT, "need 4 batches of at most 2"),
         ("GetModel", pb.GetModelRequest(model="mnist-vae", version=2), Code.NOT_FOUND, "loaded versions: [1]"),
     ]
 

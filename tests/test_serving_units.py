@@ -269,8 +269,10 @@ def test_batcher_rejects_overflow_drops_expired_and_frees_cancelled() -> None:
             assert batcher.queue_depth == 3
             with pytest.raises(ResourceExhausted, match="queue is full"):
                 await batcher.infer(_rows(4, 1))
-            with pytest.raises(ResourceExhausted, match="needs 4 batches"):
-                await batcher.infer(_rows(4, 4))
+            with pytest.raises(ResourceExhausted, match="needs 2 batches"):
+                await batcher.infer(_rows(4, 2))
+            with pytest.raises(InvalidArgument, match="need 4 batches .* more than the queue holds"):
+                await batcher.infer(_rows(4, 4))  # could never fit: no point telling the caller to retry
             cancelled.cancel()
             await asyncio.sleep(0.01)  # no batch runs meanwhile: the worker is still blocked
             assert batcher.queue_depth == 2  # the cancelled request left the queue at once
