@@ -36,15 +36,25 @@ class GraphStats:
     execution_count: int = 0
     last_inference_ms: int = 0
 
+    def __post_init__(self) -> None:
+        # Resolve the label children once: .labels() on every request showed up in the server's profile.
+        m, model, version, part = self.metrics, self.model, str(self.version), self.part
+        self._queue_depth = m.queue_depth.labels(model, part)
+        self._queue_duration = m.queue_duration.labels(model, part)
+        self._compute_duration = m.compute_duration.labels(model, part)
+        self._batch_size = m.batch_size.labels(model, part)
+        self._samples = m.samples.labels(model, version, part)
+        self._executions = m.executions.labels(model, version, part)
+
     def queue_depth(self, depth: int) -> None:
-        self.metrics.queue_depth.labels(self.model, self.part).set(depth)
+        self._queue_depth.set(depth)
 
     def waited(self, seconds: float) -> None:
         self.queue.add(seconds)
-        self.metrics.queue_duration.labels(self.model, self.part).observe(seconds)
+        self._queue_duration.observe(seconds)
 
     def executed(self, rows: int, seconds: float, ok: bool) -> None:
-        self.metrics.compute_duration.labels(self.model, self.part).observe(seconds)
+        self._compute_duration.observe(seconds)
         if not ok:
             return
         self.execution_count += 1
@@ -52,9 +62,9 @@ class GraphStats:
         self.last_inference_ms = int(time.time() * 1000)
         self.compute.add(seconds, rows)
         self.batches.setdefault(rows, Duration()).add(seconds)
-        self.metrics.batch_size.labels(self.model, self.part).observe(rows)
-        self.metrics.samples.labels(self.model, str(self.version), self.part).inc(rows)
-        self.metrics.executions.labels(self.model, str(self.version), self.part).inc()
+        self._batch_size.observe(rows)
+        self._samples.inc(rows)
+        self._executions.inc()
 
     def rejected(self, reason: str) -> None:
         self.metrics.rejected.labels(self.model, self.part, reason).inc()
