@@ -64,6 +64,9 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert "unknown config keys ['epochz']" in capsys.readouterr().err
     assert train_main(["vae", "--epochs", "0", "--out", str(tmp_path / "r")]) == 2
     assert "epochs must be at least 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train_main(["vae", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+        assert "torch sees no CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["vae", "dense-vae", "ae", "dae"])

@@ -43,7 +43,7 @@ class NonFiniteLossError(RuntimeError):
 
 def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device; use --device auto or cpu")
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use --device auto or cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
