@@ -8,16 +8,12 @@ the Grafana dashboard in docker/grafana/). It also checks docker/prometheus.yml 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -28,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_serving_support import (
+    LoggedProcess,
     copy_repository,
     environment_for_subprocess,
     golden_repository,  # noqa: F401 - a fixture
@@ -55,55 +52,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Process:
-    """A child process whose output lines are kept (JSON log events parsed) for waits and failure messages."""
-
-    def __init__(self, args: list[str], **kwargs):
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-        self.lines: list[str] = []
-        self._events: queue.Queue[dict] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:  # type: ignore[union-attr]
-            self.lines.append(line.rstrip("\n"))
-            with contextlib.suppress(json.JSONDecodeError):
-                event = json.loads(line)
-                if isinstance(event, dict):
-                    self._events.put(event)
-
-    def wait_for(self, name: str, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                event = self._events.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            if event.get("event") == name:
-                return event
-        raise AssertionError(f"no {name!r} event within {timeout}s:\n" + "\n".join(self.lines[-30:]))
-
-    def stop(self, timeout: float = 20) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-                return None
-        return self.process.returncode
-
-
 @pytest.fixture
-def genserve(golden_repository: Path, tmp_path: Path) -> Iterator[tuple[Process, str, int]]:  # noqa: F811
+def genserve(golden_repository: Path, tmp_path: Path) -> Iterator[tuple[LoggedProcess, str, int]]:  # noqa: F811
     """genserve-serve on 127.0.0.1 (any free ports) serving mnist-vae and mnist-dae."""
     repo = copy_repository(golden_repository, tmp_path / "repo", ["mnist-vae", "mnist-dae"])
     script = Path(sys.executable).parent / "genserve-serve"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "serving.cli"]
-    server = Process(
+    server = LoggedProcess(
         [*command, "--repository", str(repo.root), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
          "--poll-interval", "0", "--inference-threads", "1", "--grace-period", "2", "--log-json"],
         env=environment_for_subprocess(),
@@ -120,7 +75,7 @@ def genserve(golden_repository: Path, tmp_path: Path) -> Iterator[tuple[Process,
 
 
 @pytest.fixture
-def prometheus(genserve: tuple[Process, str, int], tmp_path: Path) -> Iterator[str]:
+def prometheus(genserve: tuple[LoggedProcess, str, int], tmp_path: Path) -> Iterator[str]:
     """A Prometheus server on 127.0.0.1 scraping the genserve fixture every second; yields its base URL."""
     binary = require("prometheus")
     _, _, metrics_port = genserve
@@ -133,7 +88,7 @@ def prometheus(genserve: tuple[Process, str, int], tmp_path: Path) -> Iterator[s
         f"    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
     )
     port = free_port()
-    server = Process([
+    server = LoggedProcess([
         binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h", "--log.level=warn",
     ])
@@ -153,7 +108,7 @@ def _ready(url: str) -> bool:
         return False
 
 
-def wait_until(predicate, timeout: float, what: str, process: Process | None = None):
+def wait_until(predicate, timeout: float, what: str, process: LoggedProcess | None = None):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -189,7 +144,7 @@ def value(url: str, promql: str) -> float | None:
     return result[0][1] if result else None
 
 
-def test_prometheus_scrapes_the_metrics_endpoint(genserve: tuple[Process, str, int], prometheus: str) -> None:
+def test_prometheus_scrapes_the_metrics_endpoint(genserve: tuple[LoggedProcess, str, int], prometheus: str) -> None:
     _, address, metrics_port = genserve
     with GenserveClient(address, timeout=30) as client:
         for seed in range(3):

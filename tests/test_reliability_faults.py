@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
-import queue
 import shutil
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -30,12 +26,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_serving_support import (
+    LoggedProcess,
     RunningServer,
     copy_repository,
-    environment_for_subprocess,
     golden_repository,  # noqa: F401 - a fixture
     publish_copy,
     server_config,
+    serving_process,
     wait_until,
 )
 
@@ -55,53 +52,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`python -m serving.cli --log-json` on a given port, its stderr parsed into events."""
-
-    def __init__(self, repository: Path, port: int, *extra: str):
-        self.port = port
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "--repository", str(repository), "--port", str(port),
-             "--no-metrics", "--log-json", "--poll-interval", "0", "--inference-threads", "1", *extra],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment_for_subprocess(),
-        )
-        self.events: list[dict] = []
-        self._lines: queue.Queue[dict] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stderr:  # type: ignore[union-attr]
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                event = {"event": "unparsed", "line": line}
-            self.events.append(event)
-            self._lines.put(event)
-
-    def wait_for(self, name: str, timeout: float = 90) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                event = self._lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            if event.get("event") == name:
-                return event
-        raise AssertionError(f"no {name!r} event; got {self.events[-20:]}")
-
-    def finish(self) -> list[dict]:
-        """All events, once the process has exited and its stderr is read."""
-        self.process.wait(30)
-        self._reader.join(10)
-        return self.events
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+def start_server(repository: Path, port: int, *extra: str) -> LoggedProcess:
+    """A server on a given port with no metrics port, no polling and one inference thread."""
+    return serving_process("--repository", str(repository), "--port", str(port), "--no-metrics",
+                           "--poll-interval", "0", "--inference-threads", "1", *extra)
 
 
 @pytest.fixture
@@ -171,7 +125,8 @@ def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict]:
 def test_sigterm_under_load_loses_no_accepted_request(repo: Repository, tmp_path: Path) -> None:
     config = tmp_path / "serve.yaml"  # requests wait 50 ms in the batcher: some are in flight at SIGTERM
     config.write_text("defaults: {intra_op_threads: 1, max_queue_delay_us: 50000}\n")
-    server = ServerProcess(repo.root, _free_port(), "--grace-period", "10", "--config", str(config))
+    port = _free_port()
+    server = start_server(repo.root, port, "--grace-period", "10", "--config", str(config))
     try:
         server.wait_for("serving")
         clients = 6
@@ -179,7 +134,7 @@ def test_sigterm_under_load_loses_no_accepted_request(repo: Repository, tmp_path
         sigterm_at: list[float] = []
 
         def client(i: int) -> None:
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 generate = genserve_pb2_grpc.GenserveStub(channel).Generate
                 for n in range(2000):  # bounded; ends at the first refusal
                     rid = f"c{i}-{n}"
@@ -238,7 +193,7 @@ def test_sigterm_under_load_loses_no_accepted_request(repo: Repository, tmp_path
 def test_sigkill_then_restart_serves_the_same_outputs(repo: Repository) -> None:
     port = _free_port()
     request = pb.GenerateRequest(model=MODEL, count=4, seed=1234)
-    server = ServerProcess(repo.root, port)
+    server = start_server(repo.root, port)
     try:
         server.wait_for("serving")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -248,7 +203,7 @@ def test_sigkill_then_restart_serves_the_same_outputs(repo: Repository) -> None:
     finally:
         server.kill()
     assert repo.serving_versions(MODEL) == {1}  # the killed server's mark is left behind (harmless: kept)
-    again = ServerProcess(repo.root, port)
+    again = start_server(repo.root, port)
     try:
         assert again.wait_for("listening")["port"] == port
         again.wait_for("serving")

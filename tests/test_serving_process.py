@@ -3,8 +3,6 @@ logs with request ids, exit codes of the command line."""
 
 from __future__ import annotations
 
-import json
-import queue
 import signal
 import subprocess
 import sys
@@ -17,9 +15,11 @@ import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_serving_support import (
+    LoggedProcess,
     copy_repository,
     environment_for_subprocess,
     golden_repository,  # noqa: F401 - a fixture
+    serving_process,
 )
 
 from export import Repository
@@ -29,44 +29,8 @@ from serving.protos import genserve_pb2_grpc
 Code = grpc.StatusCode
 
 
-class ServerProcess:
-    """`python -m serving.cli ... --log-json` with its stderr parsed into events."""
-
-    def __init__(self, args: list[str]):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", *args, "--log-json", "--port", "0", "--metrics-port", "0"],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment_for_subprocess(),
-        )
-        self.events: list[dict] = []
-        self._lines: queue.Queue[dict] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stderr:  # type: ignore[union-attr]
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                event = {"event": "unparsed", "line": line}
-            self.events.append(event)
-            self._lines.put(event)
-
-    def wait_for(self, name: str, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                event = self._lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            if event.get("event") == name:
-                return event
-        raise AssertionError(f"no {name!r} event; got {self.events}")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+def start_server(args: list[str]) -> LoggedProcess:
+    return serving_process(*args, "--port", "0", "--metrics-port", "0")
 
 
 @pytest.fixture
@@ -77,7 +41,7 @@ def repo(golden_repository: Path, tmp_path: Path) -> Repository:  # noqa: F811
 def test_sigterm_lets_in_flight_calls_finish_then_exits_0(repo: Repository, tmp_path: Path) -> None:
     config = tmp_path / "serve.yaml"  # requests wait 1.5 s in the batcher: in flight when SIGTERM comes
     config.write_text("defaults: {intra_op_threads: 1}\nmodels:\n  mnist-vae: {max_queue_delay_us: 1500000}\n")
-    server = ServerProcess(["--repository", str(repo.root), "--config", str(config), "--grace-period", "10"])
+    server = start_server(["--repository", str(repo.root), "--config", str(config), "--grace-period", "10"])
     try:
         port = server.wait_for("listening")["port"]
         server.wait_for("serving")
@@ -124,7 +88,7 @@ def test_sigterm_lets_in_flight_calls_finish_then_exits_0(repo: Repository, tmp_
 
 
 def test_sigint_exits_0(repo: Repository) -> None:
-    server = ServerProcess(["--repository", str(repo.root), "--no-metrics"])
+    server = start_server(["--repository", str(repo.root), "--no-metrics"])
     try:
         server.wait_for("serving")
         server.process.send_signal(signal.SIGINT)

@@ -15,8 +15,13 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import os
+import queue
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from importlib.metadata import version as package_version
@@ -236,3 +241,68 @@ def environment_for_subprocess() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+class LoggedProcess:
+    """A child process whose output (stdout and stderr) is kept line by line, JSON log events parsed
+    (other lines become {"event": "unparsed"}), for waits and failure messages."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self.events: list[dict] = []
+        self._events: queue.Queue[dict] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:  # type: ignore[union-attr]
+            self.lines.append(line.rstrip("\n"))
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = None
+            if not isinstance(event, dict):
+                event = {"event": "unparsed", "line": line}
+            self.events.append(event)
+            self._events.put(event)
+
+    def wait_for(self, name: str, timeout: float = 90) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self._events.get(timeout=0.2)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            if event.get("event") == name:
+                return event
+        raise AssertionError(f"no {name!r} event within {timeout}s:\n" + "\n".join(self.lines[-30:]))
+
+    def finish(self) -> list[dict]:
+        """All events, once the process has exited and its output is read."""
+        self.process.wait(30)
+        self._reader.join(10)
+        return self.events
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM, then the exit status (None when it had to be killed)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return None
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def serving_process(*args: str) -> LoggedProcess:
+    """`python -m serving.cli --log-json ARGS`, as the console script runs it, in the test environment."""
+    return LoggedProcess([sys.executable, "-m", "serving.cli", "--log-json", *args], env=environment_for_subprocess())
