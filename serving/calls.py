@@ -53,6 +53,7 @@ class ServerState:
 
     shutting_down: bool = False
     in_flight: int = 0
+    last_call_at: float = 0.0  # time.monotonic() of the newest call
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -60,6 +61,7 @@ class ServerState:
 
     def call_started(self) -> None:
         self.in_flight += 1
+        self.last_call_at = time.monotonic()
         self._idle.clear()
 
     def call_ended(self) -> None:
@@ -74,6 +76,21 @@ class ServerState:
         except TimeoutError:
             return False
         return True
+
+    async def wait_quiet(self, quiet: float, timeout: float) -> bool:
+        """Wait until no call is running and none has started for `quiet` seconds (True), or
+        `timeout` seconds pass (False)."""
+        end = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                return False
+            if not await self.wait_idle(end - now):
+                return False
+            calm_until = self.last_call_at + quiet
+            if time.monotonic() >= calm_until and self.in_flight == 0:
+                return True
+            await asyncio.sleep(min(calm_until, end) - time.monotonic())
 
 
 class Calls:

@@ -13,6 +13,7 @@
     genserve_model_ready{model, version}                        1 while a version takes traffic
     genserve_model_load_failures_total{model, stage}            versions refused (verify | load | gpu | warmup)
     genserve_execution_provider_info{model, version, part, provider}   1 for the provider in use
+    genserve_repository_errors_total                           repository scans that could not read it
     process_cpu_seconds_total, process_resident_memory_bytes, ...     (prometheus-client's ProcessCollector)
 """
 
@@ -86,6 +87,10 @@ class ServerMetrics:
         self.provider = Gauge(
             "genserve_execution_provider_info", "1 for the onnxruntime execution provider a graph runs on.",
             ["model", "version", "part", "provider"], registry=r,
+        )
+        self.repository_errors = Counter(
+            "genserve_repository_errors", "Repository scans that failed to read the repository (gone, unmounted, no permission).",
+            registry=r,
         )
         ProcessCollector(registry=r)
         self._http: WSGIServer | None = None

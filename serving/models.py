@@ -179,6 +179,7 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
+        self._repository_error: str | None = None  # why the last scan could not read the repository
         self.ready = False
 
     # --- lookup ---------------------------------------------------------------------------------
@@ -247,11 +248,35 @@ class ModelManager:
             names = await self._in_loader(self.repository.models)
         except RepositoryError as error:
             log_event(log, "repository_unreadable", level=logging.ERROR, repository=str(self.repository.root), error=str(error))
+            self.metrics.repository_errors.inc()
+            self._repository_error = str(error)
             names = []
         for name in names:
-            with contextlib.suppress(ServingError):
-                await self.load(name)
+            await self._load_newest_servable(name)
         self.ready = True
+
+    async def _load_newest_servable(self, name: str) -> None:
+        """Load the newest version of `name` that loads, falling back to older valid versions when
+        newer ones are refused (a damaged newest version must not take the model down on restart;
+        a running server keeps what it serves anyway)."""
+        try:
+            candidates = await self._in_loader(self._valid_versions, name)
+        except (RepositoryError, OSError) as error:
+            log_event(log, "scan_failed", level=logging.WARNING, model=name, error=str(error))
+            return
+        for version in candidates:
+            try:
+                await self.load(name, version)
+            except ServingError:
+                continue
+            if version != candidates[0]:
+                log_event(log, "version_fallback", level=logging.WARNING, model=name, version=version,
+                          newest=candidates[0], hint="the newer versions were refused; see version_refused")
+            return
+
+    def _valid_versions(self, name: str) -> list[int]:
+        """Blocking: the versions of `name` whose manifest is valid, newest first."""
+        return [s.version for s in reversed(self.repository.status(name)) if s.valid]
 
     async def load(self, name: str, version: int | None = None, *, explicit: bool = False) -> LoadedVersion:
         """Load `version` (default: the newest valid one) of `name` and put it into service.
@@ -446,9 +471,23 @@ class ModelManager:
             return []
 
     def _scan(self) -> dict[str, int | None]:
-        """Blocking: each model's newest valid version in the repository."""
+        """Blocking: each model's newest valid version in the repository. A repository that cannot
+        be read (gone, unmounted, no permission) is reported once, and again when it is back;
+        what is loaded keeps serving meanwhile."""
+        try:
+            names = self.repository.models()
+        except (RepositoryError, OSError) as error:
+            self.metrics.repository_errors.inc()
+            if self._repository_error is None:
+                log_event(log, "repository_unreadable", level=logging.ERROR, repository=str(self.repository.root),
+                          error=str(error), hint="loaded models keep serving; new versions are not picked up")
+            self._repository_error = str(error)
+            return {}
+        if self._repository_error is not None:
+            log_event(log, "repository_readable", repository=str(self.repository.root))
+            self._repository_error = None
         result = {}
-        for name in self._known_models():
+        for name in names:
             try:
                 result[name] = self.repository.latest(name)
             except (RepositoryError, OSError) as error:

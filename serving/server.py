@@ -38,6 +38,7 @@ log = logging.getLogger("genserve.server")
 GENSERVE_SERVICE = genserve_pb2.DESCRIPTOR.services_by_name["Genserve"].full_name
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICES = ("", GENSERVE_SERVICE, INFERENCE_SERVICE)
+QUIET_BEFORE_CLOSE_S = 0.2  # at shutdown, how long no call may arrive before the port closes
 
 
 def is_loopback(host: str) -> bool:
@@ -163,9 +164,12 @@ class GenserveServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             # While in-flight calls finish (at most `grace`), the port stays open: new calls are
-            # answered UNAVAILABLE ("shutting down") and health checks NOT_SERVING. Then stop(0)
-            # cancels whatever is left and ends the streams (health Watch).
-            drained = await self.state.wait_idle(grace)
+            # answered UNAVAILABLE ("shutting down") and health checks NOT_SERVING. The port closes
+            # only once no call has arrived for QUIET_BEFORE_CLOSE_S: closing cuts off calls that
+            # reached the port but have no handler yet, and their clients would see CANCELLED
+            # instead of UNAVAILABLE (clients answered just before closing send their next call at
+            # once). Then stop(0) cancels whatever is left and ends the streams (health Watch).
+            drained = await self.state.wait_quiet(QUIET_BEFORE_CLOSE_S, grace)
             log_event(log, "calls_drained" if drained else "grace_period_over", in_flight=self.state.in_flight)
             await self._server.stop(0)
         if self.manager is not None:

@@ -179,6 +179,20 @@ def test_refused_versions_leave_the_old_one_serving(repo: Repository) -> None:
         assert genserve.Generate(pb.GenerateRequest(model="mnist-vae", count=1)).model.version == 1
     finally:
         server.stop()
+    # a restart with both newer versions still damaged serves the newest one that loads (1), not nothing
+    server = start(repo)
+    try:
+        genserve = genserve_pb2_grpc.GenserveStub(server.channel())
+        assert genserve.Generate(pb.GenerateRequest(model="mnist-vae", count=1)).model.version == 1
+        assert server.server.manager.loaded()["mnist-vae"] == [1]
+        assert marks(repo, "mnist-vae") == {1}
+        text = generate_latest(server.server.metrics.registry).decode()
+        assert 'genserve_model_load_failures_total{model="mnist-vae",stage="load"} 1.0' in text
+        assert 'genserve_model_load_failures_total{model="mnist-vae",stage="verify"} 1.0' in text
+        server.run(server.server.manager.poll_once())  # the poller does not retry the refused ones
+        assert server.server.manager.loaded()["mnist-vae"] == [1]
+    finally:
+        server.stop()
 
 
 def test_explicit_unload_and_load(repo: Repository) -> None:

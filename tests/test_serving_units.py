@@ -21,6 +21,7 @@ from PIL import Image
 
 from serving import codec, latents, protos_build
 from serving.batcher import DynamicBatcher
+from serving.calls import ServerState
 from serving.config import ConfigError, ModelSettings, load_config
 from serving.errors import (
     DeadlineExceeded,
@@ -332,6 +333,31 @@ def test_batcher_waits_at_most_the_queue_delay() -> None:
 
 
 # --- names -------------------------------------------------------------------------------------
+def test_shutdown_waits_for_calls_to_stop_arriving() -> None:
+    async def main() -> None:
+        state = ServerState()
+        assert await state.wait_quiet(0.05, timeout=1.0)  # nothing ever ran: quiet at once
+
+        async def arrivals(n: int, every: float) -> None:  # short calls, one after another
+            for _ in range(n):
+                state.call_started()
+                await asyncio.sleep(0.001)
+                state.call_ended()
+                await asyncio.sleep(every)
+
+        feeder = asyncio.create_task(arrivals(10, 0.02))
+        started = time.monotonic()
+        assert await state.wait_quiet(0.1, timeout=5.0)
+        assert feeder.done()  # not quiet while calls kept arriving, though none was running most of the time
+        assert time.monotonic() - state.last_call_at >= 0.1
+        assert time.monotonic() - started >= 0.2
+        forever = asyncio.create_task(arrivals(1000, 0.01))
+        assert not await state.wait_quiet(0.1, timeout=0.3)  # never quiet: gives up at the timeout
+        forever.cancel()
+
+    asyncio.run(main())
+
+
 def test_names() -> None:
     assert split_oip_name("mnist-vae.decoder") == ("mnist-vae", "decoder")
     assert split_oip_name("a.b.encoder") == ("a.b", "encoder")
