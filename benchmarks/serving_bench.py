@@ -7,9 +7,8 @@
 What runs, in one process (the load generator) plus one server subprocess at a time:
   in-process  the limit: onnxruntime sessions of the same graphs, same intra-op threads as the
               server, one call after another at each workload's batch size (no gRPC, no batcher).
-  off         genserve-serve with dynamic batching off as far as the config allows it:
-              max_batch_size 1 and max_queue_delay_us 0 (no request is merged with another;
-              a request of N rows runs as N executions of one row).
+  off         genserve-serve with dynamic batching off (dynamic_batching: false): every request
+              runs alone, whole (up to --max-batch rows), never merged with another.
   on          genserve-serve with dynamic batching on (max_batch_size --max-batch, the default
               max_queue_delay_us 2000 unless --queue-delay-us).
   on-nodelay  batching on with max_queue_delay_us 0: whatever is queued
@@ -178,7 +177,7 @@ def free_port() -> int:
 
 
 MODES = {
-    "off": {"max_batch_size": 1, "max_queue_delay_us": 0},
+    "off": {"dynamic_batching": False, "max_queue_delay_us": 0},
     "on": {},  # max_batch_size / max_queue_delay_us from the command line
     "on-nodelay": {"max_queue_delay_us": 0},
 }

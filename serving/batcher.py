@@ -6,7 +6,8 @@ fit, runs the concatenated batch with `run` in the executor, and hands each requ
 the outputs. A request bigger than max_batch_size is split into chunks that are queued together
 and reassembled. The queue holds at most max_queue_size requests (chunks); more are rejected
 with ResourceExhausted. A request whose deadline has passed is dropped before it runs
-(DeadlineExceeded); a cancelled one is removed from the queue at once.
+(DeadlineExceeded); a cancelled one is removed from the queue at once. With merge=False (dynamic
+batching off) every execution runs one request's rows (or one chunk) alone, without waiting.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class DynamicBatcher:
         max_queue_delay_us: int,
         max_queue_size: int,
         instances: int = 1,
+        merge: bool = True,
         observer: BatchObserver | None = None,
     ):
         self.name = name
@@ -90,6 +92,7 @@ class DynamicBatcher:
         self.max_queue_delay = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
         self.instances = instances
+        self.merge = merge
         self._run = run
         self._executor = executor
         self._observer = observer or NullObserver()
@@ -201,7 +204,7 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             close_at = self._queue[0].enqueued + self.max_queue_delay
-            if loop.time() >= close_at or self._queued_rows() >= self.max_batch_size:
+            if not self.merge or loop.time() >= close_at or self._queued_rows() >= self.max_batch_size:
                 break
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -214,7 +217,7 @@ class DynamicBatcher:
             if head.future.done() or self._expired(head, now):
                 self._queue.popleft()
                 continue
-            if batch and rows + len(head.rows) > self.max_batch_size:
+            if batch and (not self.merge or rows + len(head.rows) > self.max_batch_size):
                 break
             batch.append(self._queue.popleft())
             rows += len(head.rows)

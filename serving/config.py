@@ -45,6 +45,8 @@ class ModelSettings:
     """Per-model serving knobs (batching, runtime); `defaults` and `models.<name>` in the file."""
 
     max_batch_size: int = 64  # rows per execution; bigger requests are split and reassembled
+    # false: every request runs on its own (split at max_batch_size), never merged with another one
+    dynamic_batching: bool = True
     # How long the first queued request waits for others to join. 0 by default: with one instance,
     # requests that arrive while a batch runs are merged into the next one anyway, and waiting on an
     # idle graph only adds latency (docs/benchmarks.md: 1.6x the throughput at 64 concurrent
@@ -68,6 +70,8 @@ class ModelSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{where}.{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.dynamic_batching, bool):
+            raise ConfigError(f"{where}.dynamic_batching must be true or false, got {self.dynamic_batching!r}")
         if self.execution_provider not in EXECUTION_PROVIDERS:
             raise ConfigError(
                 f"{where}.execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, "

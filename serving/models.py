@@ -392,6 +392,7 @@ class ModelManager:
                 max_batch_size=settings.max_batch_size,
                 max_queue_delay_us=settings.max_queue_delay_us,
                 max_queue_size=settings.max_queue_size,
+                merge=settings.dynamic_batching,
                 instances=settings.instances,
                 observer=stats,
             )

@@ -253,6 +253,26 @@ def test_batcher_merges_concurrent_requests_and_splits_big_ones() -> None:
     asyncio.run(scenario())
 
 
+def test_batcher_with_batching_off_runs_each_request_alone() -> None:
+    graph = SlowGraph()
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = _batcher(graph, executor, merge=False, max_queue_delay_us=10_000_000)
+            started = time.monotonic()
+            results = await asyncio.gather(*(batcher.infer(_rows(10 * i, 2 + i)) for i in range(3)))
+            assert time.monotonic() - started < 5  # never waits the 10 s delay for company
+            for i, (outputs, _) in enumerate(results):
+                np.testing.assert_array_equal(outputs[0], _rows(10 * i, 2 + i) * 2)
+            assert sorted(graph.batches) == [2, 3, 4]  # three requests, three executions
+            outputs, _ = await batcher.infer(_rows(0, 20))  # still split at max_batch_size
+            np.testing.assert_array_equal(outputs[0], _rows(0, 20) * 2)
+            assert graph.batches[3:] == [8, 8, 4]
+            await batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_batcher_rejects_overflow_drops_expired_and_frees_cancelled() -> None:
     graph = SlowGraph()
 
