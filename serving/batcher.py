@@ -145,7 +145,8 @@ class DynamicBatcher:
         self._observer.queue_depth(len(self._queue))
         self._wakeup.set()
         try:
-            results = await asyncio.gather(*(item.future for item in items))
+            # one chunk (the common case) is awaited directly: gather would add a future and callbacks
+            results = [await items[0].future] if len(items) == 1 else await asyncio.gather(*(item.future for item in items))
         except BaseException as error:
             self._forget(items, cancelled=isinstance(error, asyncio.CancelledError))
             raise
