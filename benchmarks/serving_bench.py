@@ -145,7 +145,7 @@ def in_process(repository: Path, items: list[Workload], intra_op_threads: int, d
             }
             sessions[w.model] = {"manifest": manifest, "parts": parts}
         manifest, parts = sessions[w.model]["manifest"], sessions[w.model]["parts"]
-        images = np.random.default_rng(0).random((w.rows, 1, 28, 28), dtype=np.float32)
+        images = np.random.default_rng(0).random((w.rows, *manifest.image_shape), dtype=np.float32)
 
         def call(seed: int, w=w, manifest=manifest, parts=parts, images=images) -> None:
             if w.rpc == "Generate":
