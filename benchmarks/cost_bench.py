@@ -67,7 +67,7 @@ SHAPES = ((1, 28, 28), (3, 32, 32), (3, 64, 64))
 TRAIN_IMAGES = 64
 MAX_BATCH = 64  # export parity batches and the server's max_batch_size
 BUILD_FORMAT = "1"  # bump to rebuild cached repositories after changing how models are built
-MODE = "on-nodelay"  # serving_bench's mode: batching on, max_queue_delay_us 0
+MODE = "on"  # serving_bench's mode: batching on, max_queue_delay_us 0
 SERVER = argparse.Namespace(max_batch=MAX_BATCH, queue_delay_us=0, max_queue_size=65536, intra_op_threads=1,
                             inference_threads=1)
 SERVER_LOADS = ((1, 64), (64, 4))  # (samples per request, concurrent clients)

@@ -9,10 +9,10 @@ What runs, in one process (the load generator) plus one server subprocess at a t
               server, one call after another at each workload's batch size (no gRPC, no batcher).
   off         genserve-serve with dynamic batching off (dynamic_batching: false): every request
               runs alone, whole (up to --max-batch rows), never merged with another.
-  on          genserve-serve with dynamic batching on (max_batch_size --max-batch, the default
-              max_queue_delay_us 2000 unless --queue-delay-us).
-  on-nodelay  batching on with max_queue_delay_us 0: whatever is queued
-              when a worker frees up runs together, a lone request never waits.
+  on          batching on, the server's defaults: max_batch_size --max-batch, max_queue_delay_us 0
+              (whatever queued while the previous batch ran goes together; a lone request never waits).
+  on-delay    batching on with max_queue_delay_us --queue-delay-us (default 2000): the first request
+              of a batch waits up to that long for company (the server's default until 2026-11-21).
 Load: closed loop (N concurrent clients, each sends its next request when the last one answered)
 and open loop (requests sent at a fixed rate; latency counted from the scheduled send time, so a
 slow server is not hidden; at most --max-in-flight outstanding, the rest counted as not sent).
@@ -23,9 +23,12 @@ The loopback only; the server's /metrics gives each cell's batch-size histogram.
 This is a measurement, not a test: it asserts nothing about timings. The target ratios of
 genserve issue 7 are computed and printed (met / missed) at the end.
 
-Triton's perf_analyzer is not part of it: on PyPI `perf-analyzer` 0.1.0 is an empty placeholder
-(no binary), and the tritonclient wheel here (2.73.0) ships no perf_analyzer binary either; it
-comes with Triton's SDK container, which this machine cannot fetch.
+Workloads: Generate and Reconstruct over genserve.v1 (grpc.aio), and ModelInfer over the Open
+Inference Protocol sent with Triton's own client library (tritonclient.grpc.aio), an independent
+load generator that shares no code with genserve. Triton's perf_analyzer is not part of it: on
+PyPI `perf-analyzer` 0.1.0 is an empty placeholder (no binary), and the tritonclient wheel here
+(2.73.0) ships no perf_analyzer binary either; it comes with Triton's SDK container, which this
+machine cannot fetch.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Workload:
     model: str  # repository name, e.g. mnist-vae
-    rpc: str  # Generate | Reconstruct
+    rpc: str  # Generate | Reconstruct (genserve.v1, grpc.aio) | ModelInfer (OIP, sent with Triton's tritonclient)
     rows: int  # samples or images per request
 
     @property
@@ -68,6 +71,7 @@ class Workload:
 def workloads(full: bool) -> list[Workload]:
     items = [Workload("mnist-vae", "Generate", n) for n in (1, 16, 256)]
     items += [Workload("mnist-vae", "Reconstruct", n) for n in (1, 64)]
+    items += [Workload("mnist-vae", "ModelInfer", n) for n in (1, 16, 256)]
     if full:
         items += [Workload("mnist-dcgan", "Generate", n) for n in (1, 16, 256)]
     return items
@@ -90,7 +94,7 @@ def request_for(workload: Workload, seed: int):
 # --- results -----------------------------------------------------------------------------------
 @dataclass
 class Cell:
-    mode: str  # in-process | off | on | on-nodelay
+    mode: str  # in-process | off | on | on-delay
     workload: str
     rows: int
     load: str  # "c=8" (closed loop, 8 clients), "r=200/s" (open loop), "seq" (in-process)
@@ -146,11 +150,14 @@ def in_process(repository: Path, items: list[Workload], intra_op_threads: int, d
             sessions[w.model] = {"manifest": manifest, "parts": parts}
         manifest, parts = sessions[w.model]["manifest"], sessions[w.model]["parts"]
         images = np.random.default_rng(0).random((w.rows, *manifest.image_shape), dtype=np.float32)
+        fixed_latents = latents.sample_prior(manifest.prior, w.rows, 0, 1.0)
 
-        def call(seed: int, w=w, manifest=manifest, parts=parts, images=images) -> None:
+        def call(seed: int, w=w, manifest=manifest, parts=parts, images=images, fixed_latents=fixed_latents) -> None:
             if w.rpc == "Generate":
                 graph = parts.get("decoder") or parts["generator"]
                 graph.run(latents.sample_prior(manifest.prior, w.rows, seed, 1.0))
+            elif w.rpc == "ModelInfer":  # the latents come with the request: no sampling
+                (parts.get("decoder") or parts["generator"]).run(fixed_latents)
             else:
                 mean = parts["encoder"].run(images)[0]
                 parts["decoder"].run(mean)
@@ -178,8 +185,8 @@ def free_port() -> int:
 
 MODES = {
     "off": {"dynamic_batching": False, "max_queue_delay_us": 0},
-    "on": {},  # max_batch_size / max_queue_delay_us from the command line
-    "on-nodelay": {"max_queue_delay_us": 0},
+    "on": {"max_queue_delay_us": 0},
+    "on-delay": {},  # max_queue_delay_us from the command line
 }
 
 
@@ -288,16 +295,67 @@ def stub_call(channel: grpc.aio.Channel, rpc: str):
     return getattr(stub, rpc)
 
 
-async def closed_loop(address: str, w: Workload, clients: int, duration: float, max_requests: int, deadline_s: float):
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
+@contextlib.asynccontextmanager
+async def sender(address: str, w: Workload, deadline_s: float):
+    """An async `send(i)` for the workload, warmed up (connection and graph); errors raise with a code."""
+    if w.rpc == "ModelInfer":
+        async with _oip_sender(address, w, deadline_s) as send:
+            yield send
+        return
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         call = stub_call(channel, w.rpc)
         requests = [request_for(w, seed) for seed in range(8)]
-        for r in requests[:2]:  # warm up the connection and the graph
+
+        async def send(i: int) -> None:
+            await call(requests[i % len(requests)], timeout=deadline_s)
+
+        for i in range(2):
             with contextlib.suppress(grpc.RpcError):
-                await call(r, timeout=deadline_s)
+                await send(i)
+        yield send
+
+
+@contextlib.asynccontextmanager
+async def _oip_sender(address: str, w: Workload, deadline_s: float):
+    """ModelInfer on `<model>.decoder` (or `.generator`) through Triton's own Python client,
+    tritonclient.grpc.aio: a load generator that shares no code with genserve's."""
+    import tritonclient.grpc.aio as triton
+
+    client = triton.InferenceServerClient(address, channel_args=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    try:
+        index = await client.get_model_repository_index()
+        names = {m.name for m in index.models}
+        oip_name = next(n for n in (f"{w.model}.decoder", f"{w.model}.generator") if n in names)
+        metadata = await client.get_model_metadata(oip_name)
+        spec = metadata.inputs[0]
+        z = np.random.default_rng(0).standard_normal((w.rows, int(spec.shape[1]))).astype(np.float32)
+        request = triton.InferInput(spec.name, list(z.shape), "FP32")
+        request.set_data_from_numpy(z)
+
+        async def send(i: int) -> None:
+            await client.infer(oip_name, [request], client_timeout=deadline_s)
+
+        for i in range(2):
+            with contextlib.suppress(Exception):
+                await send(i)
+        yield send
+    finally:
+        await client.close()
+
+
+def error_code(error: Exception) -> str:
+    """The gRPC status name of a failed call, from grpc.aio or tritonclient."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code().name
+    status = getattr(error, "status", lambda: None)()  # tritonclient: "StatusCode.RESOURCE_EXHAUSTED"
+    return str(status).rsplit(".", 1)[-1] if status else type(error).__name__
+
+
+async def closed_loop(address: str, w: Workload, clients: int, duration: float, max_requests: int, deadline_s: float):
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    async with sender(address, w, deadline_s) as send:
         issued = 0
         loop = asyncio.get_running_loop()
         end = loop.time() + duration
@@ -305,13 +363,13 @@ async def closed_loop(address: str, w: Workload, clients: int, duration: float, 
         async def client(index: int) -> None:
             nonlocal issued
             while issued < max_requests and loop.time() < end:
-                request = requests[issued % len(requests)]
+                i = issued
                 issued += 1
                 t0 = time.perf_counter()
                 try:
-                    await call(request, timeout=deadline_s)
-                except grpc.aio.AioRpcError as error:
-                    errors[error.code().name] = errors.get(error.code().name, 0) + 1
+                    await send(i)
+                except Exception as error:  # noqa: BLE001 - counted by status code
+                    errors[error_code(error)] = errors.get(error_code(error), 0) + 1
                     continue
                 latencies.append(time.perf_counter() - t0)
 
@@ -326,20 +384,14 @@ async def open_loop(address: str, w: Workload, rate: float, duration: float, max
     latencies: list[float] = []
     errors: dict[str, int] = {}
     not_sent = 0
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        call = stub_call(channel, w.rpc)
-        requests = [request_for(w, seed) for seed in range(8)]
-        for r in requests[:2]:
-            with contextlib.suppress(grpc.RpcError):
-                await call(r, timeout=deadline_s)
+    async with sender(address, w, deadline_s) as send:
         in_flight: set[asyncio.Task] = set()
 
-        async def one(request, scheduled: float) -> None:
+        async def one(i: int, scheduled: float) -> None:
             try:
-                await call(request, timeout=deadline_s)
-            except grpc.aio.AioRpcError as error:
-                errors[error.code().name] = errors.get(error.code().name, 0) + 1
+                await send(i)
+            except Exception as error:  # noqa: BLE001 - counted by status code
+                errors[error_code(error)] = errors.get(error_code(error), 0) + 1
                 return
             latencies.append(time.perf_counter() - scheduled)
 
@@ -353,7 +405,7 @@ async def open_loop(address: str, w: Workload, rate: float, duration: float, max
             if len(in_flight) >= max_in_flight:
                 not_sent += 1
                 continue
-            task = asyncio.create_task(one(requests[i % len(requests)], scheduled))
+            task = asyncio.create_task(one(i, scheduled))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         if in_flight:
@@ -410,7 +462,7 @@ def targets(cells: list[Cell]) -> list[str]:
         lines.append(f"1-sample Generate at c=64, batching on / off samples/s: {on[0].samples_per_s:.0f} / "
                      f"{off[0].samples_per_s:.0f} = {ratio:.2f}x (target >= 4x: {'met' if ratio >= 4 else 'MISSED'})")
     limit1 = find(cells, "in-process", gen1)
-    for mode in ("off", "on", "on-nodelay"):
+    for mode in ("off", "on", "on-delay"):
         c1 = find(cells, mode, gen1, "c=1")
         if limit1 and c1:
             gap = c1[0].p99_ms - limit1[0].p99_ms
@@ -451,11 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=100_000, help="requests per cell at most")
     p.add_argument("--concurrency", help="closed-loop clients, comma-separated (quick 1,8,64; full 1,8,64,256)")
     p.add_argument("--rates", help="open-loop requests/s for 1- and 16-sample Generate (quick 200,800; full 100,400,1600)")
-    p.add_argument("--modes", help="server modes, comma-separated of off,on,on-nodelay (default all three)")
+    p.add_argument("--modes", help="server modes, comma-separated of off,on,on-delay (default all three)")
     p.add_argument("--max-rows-in-flight", type=int, default=16384,
                    help="skip closed-loop cells whose clients x rows exceed this (default 16384)")
     p.add_argument("--max-batch", type=int, default=256, help="max_batch_size with batching on (default 256)")
-    p.add_argument("--queue-delay-us", type=int, default=2000, help="max_queue_delay_us with batching on (default 2000)")
+    p.add_argument("--queue-delay-us", type=int, default=2000, help="max_queue_delay_us of mode on-delay (default 2000)")
     p.add_argument("--max-queue-size", type=int, default=65536, help="max_queue_size (default 65536: measure, do not shed)")
     p.add_argument("--intra-op-threads", type=int, default=1, help="onnxruntime intra-op threads, server and in-process")
     p.add_argument("--inference-threads", type=int, default=1, help="the server's inference_threads")
@@ -468,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (5.0 if full else 1.5)
     concurrency = [int(c) for c in (args.concurrency or ("1,8,64,256" if full else "1,8,64")).split(",")]
     rates = [float(r) for r in (args.rates or ("100,400,1600" if full else "200,800")).split(",")]
-    modes = (args.modes or "off,on,on-nodelay").split(",")
+    modes = (args.modes or "off,on,on-delay").split(",")
     items = workloads(full)
     repository = args.repository or default_repository()
     print(f"# genserve serving benchmark ({'full' if full else 'quick'}), repository {repository}")
