@@ -22,7 +22,9 @@ Per model (Generate, prior sampling included, float32 images out):
   server           genserve-serve in a subprocess, one server per model (a copy of the repository
                    holding only that model), cpu, intra_op_threads 1, inference_threads 1,
                    max_batch_size 64, dynamic batching on, max_queue_delay_us 0, max_queue_size 65536;
-                   closed loop: Generate x1 at 64 clients, Generate x64 at 4 clients
+                   closed loop: Generate x1 at 64 clients, Generate x64 at 4 clients; then the
+                   same model with dynamic batching off (serving_bench's mode off) for Generate x1
+                   at 64 clients: "on/off" is what batching buys for this model
   B/sample         the serialized GenerateResponse bytes per sample, at 1 and 64 samples
   RSS              the server's VmRSS once SERVING (models loaded and warmed up at batch 1 and 64),
                    before any traffic; "model" subtracts the RSS of a server with an empty repository
@@ -68,6 +70,7 @@ TRAIN_IMAGES = 64
 MAX_BATCH = 64  # export parity batches and the server's max_batch_size
 BUILD_FORMAT = "1"  # bump to rebuild cached repositories after changing how models are built
 MODE = "on"  # serving_bench's mode: batching on, max_queue_delay_us 0
+OFF_MODE = "off"  # serving_bench's mode: dynamic_batching false (each request runs alone)
 SERVER = argparse.Namespace(max_batch=MAX_BATCH, queue_delay_us=0, max_queue_size=65536, intra_op_threads=1,
                             inference_threads=1)
 SERVER_LOADS = ((1, 64), (64, 4))  # (samples per request, concurrent clients)
@@ -208,9 +211,9 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
-def start_server(repository: Path, workdir: Path) -> ServerProcess:
+def start_server(repository: Path, workdir: Path, mode: str = MODE) -> ServerProcess:
     workdir.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess(repository, MODE, SERVER, workdir)
+    server = ServerProcess(repository, mode, SERVER, workdir)
     try:
         server.wait_serving()
     except BaseException:
@@ -262,6 +265,17 @@ def measure_server(repository: Path, cost: ModelCost, baseline_mib: float, workd
             cost.response_bytes_per_sample[f"x{rows}"] = response_bytes(server.address, w, args.deadline) / rows
     finally:
         server.stop()
+    # the same single-sample load with dynamic batching off: what batching buys for this model
+    server = start_server(workdir / "repo", workdir, OFF_MODE)
+    try:
+        rows, clients = SERVER_LOADS[0]
+        w = Workload(cost.model, "Generate", rows)
+        cell = run_cell(server, OFF_MODE, w, f"c={clients}",
+                        closed_loop(server.address, w, clients, args.duration, args.max_requests, args.deadline))
+        cost.cells.append(cell)
+        say(cell)
+    finally:
+        server.stop()
 
 
 def say(cell: Cell) -> None:
@@ -296,14 +310,17 @@ def _num(value: float, digits: int = 0) -> str:
 
 def table(costs: list[ModelCost], baseline_mib: float) -> str:
     header = ("model", "part", "params", "ONNX MB (all)", "in-proc x1/s", "in-proc x64/s", "srv x1 c=64/s", "p99 ms",
-              "srv x64 c=4/s", "p99 ms", "B/sample x1/x64", "RSS MiB", "model MiB", "peak MiB", "notes")
-    rows = [("(empty repository)", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", _num(baseline_mib, 1), "0", "-", "baseline")]
+              "off x1 c=64/s", "on/off", "srv x64 c=4/s", "p99 ms", "B/sample x1/x64", "RSS MiB", "model MiB",
+              "peak MiB", "notes")
+    rows = [("(empty repository)", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", _num(baseline_mib, 1), "0",
+             "-", "baseline")]
     for cost in costs:
         ip1, ip64 = _cell(cost, "in-process", 1), _cell(cost, "in-process", 64)
-        s1, s64 = _cell(cost, MODE, 1), _cell(cost, MODE, 64)
+        s1, s64, off1 = _cell(cost, MODE, 1), _cell(cost, MODE, 64), _cell(cost, OFF_MODE, 1)
+        ratio = s1.samples_per_s / off1.samples_per_s if s1 and off1 and off1.samples_per_s else float("nan")
         notes = [cost.error] if cost.error else []
-        notes += [f"{c.workload.split()[-1]} {' '.join(f'{k}:{v}' for k, v in sorted(c.errors.items()))}"
-                  for c in (s1, s64) if c and c.errors]
+        notes += [f"{c.mode} {c.workload.split()[-1]} {' '.join(f'{k}:{v}' for k, v in sorted(c.errors.items()))}"
+                  for c in (s1, s64, off1) if c and c.errors]
         mb = "-" if cost.part_mb != cost.part_mb else f"{cost.part_mb:.2f}" + (
             f" ({cost.all_parts_mb:.2f})" if cost.all_parts_mb > cost.part_mb else "")
         per_sample = cost.response_bytes_per_sample
@@ -311,6 +328,7 @@ def table(costs: list[ModelCost], baseline_mib: float) -> str:
             cost.model, cost.part or "-", f"{cost.params:,}" if cost.params else "-", mb,
             _num(ip1.samples_per_s) if ip1 else "-", _num(ip64.samples_per_s) if ip64 else "-",
             _num(s1.samples_per_s) if s1 else "-", _num(s1.p99_ms, 1) if s1 else "-",
+            _num(off1.samples_per_s) if off1 else "-", _num(ratio, 2),
             _num(s64.samples_per_s) if s64 else "-", _num(s64.p99_ms, 1) if s64 else "-",
             f"{per_sample['x1']:,.0f}/{per_sample['x64']:,.0f}" if len(per_sample) == 2 else "-",
             _num(cost.rss_idle_mib, 1), _num(cost.rss_model_mib, 1),
