@@ -23,7 +23,8 @@ The loopback only; the server's /metrics gives each cell's batch-size histogram.
 This is a measurement, not a test: it asserts nothing about timings. The target ratios of
 genserve issue 7 are computed and printed (met / missed) at the end.
 
-Workloads: Generate and Reconstruct over genserve.v1 (grpc.aio), and ModelInfer over the Open
+The floor: grpc.health.v1 Check (an RPC that does no work) through the same server and client, in
+mode on. Workloads: Generate and Reconstruct over genserve.v1 (grpc.aio), and ModelInfer over the Open
 Inference Protocol sent with Triton's own client library (tritonclient.grpc.aio), an independent
 load generator that shares no code with genserve. Triton's perf_analyzer is not part of it: on
 PyPI `perf-analyzer` 0.1.0 is an empty placeholder (no binary), and the tritonclient wheel here
@@ -60,12 +61,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Workload:
     model: str  # repository name, e.g. mnist-vae
-    rpc: str  # Generate | Reconstruct (genserve.v1, grpc.aio) | ModelInfer (OIP, sent with Triton's tritonclient)
+    rpc: str  # Generate | Reconstruct (genserve.v1, grpc.aio) | ModelInfer (OIP, sent with Triton's tritonclient) | Check
     rows: int  # samples or images per request
 
     @property
     def label(self) -> str:
         return f"{self.model} {self.rpc}x{self.rows}"
+
+
+EMPTY_RPC = Workload("health", "Check", 1)  # grpc.health.v1 Check: the cost of an RPC that does nothing (mode on only)
 
 
 def workloads(full: bool) -> list[Workload]:
@@ -304,8 +308,12 @@ async def sender(address: str, w: Workload, deadline_s: float):
         return
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
-        call = stub_call(channel, w.rpc)
-        requests = [request_for(w, seed) for seed in range(8)]
+        if w.rpc == "Check":  # the floor: an RPC that does no work, through the same server and client
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            call, requests = health_pb2_grpc.HealthStub(channel).Check, [health_pb2.HealthCheckRequest()]
+        else:
+            call, requests = stub_call(channel, w.rpc), [request_for(w, seed) for seed in range(8)]
 
         async def send(i: int) -> None:
             await call(requests[i % len(requests)], timeout=deadline_s)
@@ -513,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inference-threads", type=int, default=1, help="the server's inference_threads")
     p.add_argument("--deadline", type=float, default=30.0, help="per-call deadline in seconds")
     p.add_argument("--max-in-flight", type=int, default=512, help="open loop: outstanding requests at most")
+    p.add_argument("--only", help="run only workloads whose label contains one of these, comma-separated "
+                   "(e.g. 'Generatex1,health')")
     p.add_argument("--json", type=Path, help="also write every cell and the environment as JSON here")
     args = p.parse_args(argv)
 
@@ -522,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(r) for r in (args.rates or ("100,400,1600" if full else "200,800")).split(",")]
     modes = (args.modes or "off,on,on-delay").split(",")
     items = workloads(full)
+    only = args.only.split(",") if args.only else None
+    if only:
+        items = [w for w in items if any(o in w.label for o in only)]
     repository = args.repository or default_repository()
     print(f"# genserve serving benchmark ({'full' if full else 'quick'}), repository {repository}")
     print(f"# {json.dumps(environment())}")
@@ -536,12 +549,14 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 server.wait_serving()
                 print(f"# server {mode}: {server.settings}", flush=True)
-                for w in items:
+                for w in [*items, *([EMPTY_RPC] if not only or any(o in EMPTY_RPC.label for o in only) else [])]:
                     loads = [(f"c={n}", closed_loop(server.address, w, n, duration, args.max_requests, args.deadline))
                              for n in concurrency if n * w.rows <= args.max_rows_in_flight]
                     if w.rpc == "Generate" and w.rows in (1, 16) and w.model == "mnist-vae":
                         loads += [(f"r={r:.0f}/s", open_loop(server.address, w, r, duration, args.max_requests,
                                                              args.deadline, args.max_in_flight)) for r in rates]
+                    if w == EMPTY_RPC and mode != "on":
+                        continue
                     for load, coroutine in loads:
                         cell = run_cell(server, mode, w, load, coroutine)
                         cells.append(cell)
