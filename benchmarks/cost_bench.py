@@ -72,7 +72,7 @@ BUILD_FORMAT = "1"  # bump to rebuild cached repositories after changing how mod
 MODE = "on"  # serving_bench's mode: batching on, max_queue_delay_us 0
 OFF_MODE = "off"  # serving_bench's mode: dynamic_batching false (each request runs alone)
 SERVER = argparse.Namespace(max_batch=MAX_BATCH, queue_delay_us=0, max_queue_size=65536, intra_op_threads=1,
-                            inference_threads=1)
+                            inference_threads=1, cpu_memory_arena=True)
 SERVER_LOADS = ((1, 64), (64, 4))  # (samples per request, concurrent clients)
 IN_PROCESS_ROWS = (1, 64)
 MiB = 1024 * 1024
@@ -373,8 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, help="seconds per cell (quick 1.5, full 3)")
     p.add_argument("--max-requests", type=int, default=100_000, help="requests (in-process: calls) per cell at most")
     p.add_argument("--deadline", type=float, default=30.0, help="per-call deadline in seconds")
+    p.add_argument("--no-cpu-memory-arena", action="store_true",
+                   help="serve with cpu_memory_arena: false (onnxruntime frees buffers after each run)")
     p.add_argument("--json", type=Path, help="also write every model, cell and the environment as JSON here")
     args = p.parse_args(argv)
+    SERVER.cpu_memory_arena = not args.no_cpu_memory_arena
     args.duration = args.duration or (1.5 if args.quick else 3.0)
     kinds = args.kinds.split(",") if args.kinds else list(QUICK_KINDS if args.quick else KINDS)
     shapes = [parse_shape(s) for s in args.shapes.split(",")] if args.shapes else list(SHAPES)

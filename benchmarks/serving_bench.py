@@ -204,6 +204,7 @@ class ServerProcess:
             "max_queue_delay_us": args.queue_delay_us,
             "max_queue_size": args.max_queue_size,
             "intra_op_threads": args.intra_op_threads,
+            "cpu_memory_arena": getattr(args, "cpu_memory_arena", True),
             "execution_provider": "cpu",
             **MODES[mode],
         }

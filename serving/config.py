@@ -57,6 +57,9 @@ class ModelSettings:
     instances: int = 1  # concurrent executions per graph
     execution_provider: str = "auto"  # auto (CUDA if onnxruntime has it, else CPU) | cpu | cuda | tensorrt
     intra_op_threads: int = 0  # onnxruntime intra-op threads per session; 0: onnxruntime's default
+    # false: onnxruntime frees CPU buffers after each run instead of keeping them in its arena; less
+    # memory for big conv models at large batches, slower executions (docs/benchmarks.md)
+    cpu_memory_arena: bool = True
     variant: str = "fp32"  # which ONNX file of each part: fp32 or fp16 (falls back to fp32 if absent)
     warmup_batch_sizes: tuple[int, ...] = ()  # (): 1 and max_batch_size
     max_loaded_versions: int = 1  # newest versions kept loaded; requests may name any of them
@@ -70,8 +73,9 @@ class ModelSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{where}.{name} must be a non-negative integer, got {value!r}")
-        if not isinstance(self.dynamic_batching, bool):
-            raise ConfigError(f"{where}.dynamic_batching must be true or false, got {self.dynamic_batching!r}")
+        for name in ("dynamic_batching", "cpu_memory_arena"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{where}.{name} must be true or false, got {getattr(self, name)!r}")
         if self.execution_provider not in EXECUTION_PROVIDERS:
             raise ConfigError(
                 f"{where}.execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, "

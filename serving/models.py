@@ -354,6 +354,7 @@ class ModelManager:
                     path,
                     execution_provider=settings.execution_provider,
                     intra_op_threads=settings.intra_op_threads,
+                    cpu_memory_arena=settings.cpu_memory_arena,
                     require_gpu=self.config.require_gpu,
                     what=what,
                 )

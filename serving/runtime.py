@@ -73,12 +73,16 @@ def load_session(
     *,
     execution_provider: str = "auto",
     intra_op_threads: int = 0,
+    cpu_memory_arena: bool = True,
     require_gpu: bool = False,
     what: str = "",
 ) -> GraphSession:
     """Create a session for `path`; raises GpuRequiredError when require_gpu and it runs on the CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
+    # The arena keeps the largest buffers a graph has needed (in power-of-two chunks): faster
+    # executions, but a big conv model warmed up at a large batch holds hundreds of MiB for good.
+    options.enable_cpu_mem_arena = cpu_memory_arena
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -265,3 +265,18 @@ def test_several_loaded_versions_and_a_missing_fp16_variant(repo: Repository) ->
         wait_until(lambda: marks(repo, "mnist-gan") == {2, 3}, what="version 1 to be released")
     finally:
         server.stop()
+
+
+def test_batching_off_and_no_memory_arena_give_the_same_images(repo: Repository) -> None:
+    request = pb.GenerateRequest(model="mnist-gan", count=3, seed=11)
+    outputs = {}
+    for label, settings in (("default", {}), ("lean", {"dynamic_batching": False, "cpu_memory_arena": False})):
+        server = start(repo, models={"mnist-gan": settings})
+        try:
+            graph = server.server.manager.resolve("mnist-gan").graph("generator")
+            assert graph.session.session.get_session_options().enable_cpu_mem_arena is (label == "default")
+            assert graph.batcher.merge is (label == "default")
+            outputs[label] = genserve_pb2_grpc.GenserveStub(server.channel()).Generate(request).images
+        finally:
+            server.stop()
+    assert outputs["lean"] == outputs["default"]
