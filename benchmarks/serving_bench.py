@@ -24,7 +24,8 @@ This is a measurement, not a test: it asserts nothing about timings. The target 
 genserve issue 7 are computed and printed (met / missed) at the end.
 
 The floor: grpc.health.v1 Check (an RPC that does no work) through the same server and client, in
-mode on. Workloads: Generate and Reconstruct over genserve.v1 (grpc.aio), and ModelInfer over the Open
+mode on. Workloads: Generate (float32 images; 16-sample Generate also as uint8 and PNG in full runs) and
+Reconstruct over genserve.v1 (grpc.aio), and ModelInfer over the Open
 Inference Protocol sent with Triton's own client library (tritonclient.grpc.aio), an independent
 load generator that shares no code with genserve. Triton's perf_analyzer is not part of it: on
 PyPI `perf-analyzer` 0.1.0 is an empty placeholder (no binary), and the tritonclient wheel here
@@ -63,10 +64,11 @@ class Workload:
     model: str  # repository name, e.g. mnist-vae
     rpc: str  # Generate | Reconstruct (genserve.v1, grpc.aio) | ModelInfer (OIP, sent with Triton's tritonclient) | Check
     rows: int  # samples or images per request
+    image_format: str = "float32"  # of the images returned: float32 | uint8 | png
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.rpc}x{self.rows}"
+        return f"{self.model} {self.rpc}x{self.rows}" + ("" if self.image_format == "float32" else f" {self.image_format}")
 
 
 EMPTY_RPC = Workload("health", "Check", 1)  # grpc.health.v1 Check: the cost of an RPC that does nothing (mode on only)
@@ -78,21 +80,19 @@ def workloads(full: bool) -> list[Workload]:
     items += [Workload("mnist-vae", "ModelInfer", n) for n in (1, 16, 256)]
     if full:
         items += [Workload("mnist-dcgan", "Generate", n) for n in (1, 16, 256)]
+        items += [Workload("mnist-vae", "Generate", 16, fmt) for fmt in ("uint8", "png")]
     return items
 
 
 def request_for(workload: Workload, seed: int):
     from serving.protos import genserve_pb2 as pb
 
+    output_format = pb.ImageFormat.Value(f"IMAGE_FORMAT_{workload.image_format.upper()}")
     if workload.rpc == "Generate":
-        return pb.GenerateRequest(
-            model=workload.model, count=workload.rows, seed=seed, output_format=pb.IMAGE_FORMAT_FLOAT32
-        )
+        return pb.GenerateRequest(model=workload.model, count=workload.rows, seed=seed, output_format=output_format)
     images = np.random.default_rng(seed).random((workload.rows, 1, 28, 28), dtype=np.float32)
     tensor = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=list(images.shape), data=images.tobytes())
-    return pb.ReconstructRequest(
-        model=workload.model, images=pb.Images(tensor=tensor), output_format=pb.IMAGE_FORMAT_FLOAT32
-    )
+    return pb.ReconstructRequest(model=workload.model, images=pb.Images(tensor=tensor), output_format=output_format)
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -136,7 +136,8 @@ def load_average() -> float:
 # --- in-process limit --------------------------------------------------------------------------
 def in_process(repository: Path, items: list[Workload], intra_op_threads: int, duration: float, max_calls: int) -> list[Cell]:
     from export import Repository
-    from serving import latents
+    from serving import codec, latents
+    from serving.protos import genserve_pb2 as pb
     from serving.runtime import load_session
 
     repo = Repository(repository)
@@ -159,7 +160,9 @@ def in_process(repository: Path, items: list[Workload], intra_op_threads: int, d
         def call(seed: int, w=w, manifest=manifest, parts=parts, images=images, fixed_latents=fixed_latents) -> None:
             if w.rpc == "Generate":
                 graph = parts.get("decoder") or parts["generator"]
-                graph.run(latents.sample_prior(manifest.prior, w.rows, seed, 1.0))
+                out = graph.run(latents.sample_prior(manifest.prior, w.rows, seed, 1.0))[0]
+                if w.image_format != "float32":  # the encoding the server does for this format
+                    codec.encode_images(out, pb.ImageFormat.Value(f"IMAGE_FORMAT_{w.image_format.upper()}"))
             elif w.rpc == "ModelInfer":  # the latents come with the request: no sampling
                 (parts.get("decoder") or parts["generator"]).run(fixed_latents)
             else:
@@ -553,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                 for w in [*items, *([EMPTY_RPC] if not only or any(o in EMPTY_RPC.label for o in only) else [])]:
                     loads = [(f"c={n}", closed_loop(server.address, w, n, duration, args.max_requests, args.deadline))
                              for n in concurrency if n * w.rows <= args.max_rows_in_flight]
-                    if w.rpc == "Generate" and w.rows in (1, 16) and w.model == "mnist-vae":
+                    if w.rpc == "Generate" and w.rows in (1, 16) and w.model == "mnist-vae" and w.image_format == "float32":
                         loads += [(f"r={r:.0f}/s", open_loop(server.address, w, r, duration, args.max_requests,
                                                              args.deadline, args.max_in_flight)) for r in rates]
                     if w == EMPTY_RPC and mode != "on":
