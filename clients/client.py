@@ -235,7 +235,7 @@ class GenserveClient:
             output_format=self._output_format, return_latents=True,
         )
         if latents is not None:
-            request.latents.CopyFrom(codec.array_to_tensor(np.asarray(latents, np.float32)))
+            codec.array_to_tensor(np.asarray(latents, np.float32), into=request.latents)
             request.count = count or 0
         else:
             request.count = 1 if count is None else count
@@ -297,6 +297,6 @@ class GenserveClient:
         if images is not None:
             request.images.images.CopyFrom(self._images(np.stack(list(images)) if not isinstance(images, np.ndarray) else images))
         else:
-            request.latents.latents.CopyFrom(codec.array_to_tensor(np.asarray(latents, np.float32)))
+            codec.array_to_tensor(np.asarray(latents, np.float32), into=request.latents.latents)
         r = self._call("Interpolate", request, timeout)
         return Images(codec.images_from_proto(r.images), r.model.version, codec.tensor_to_array(r.latents, "latents").copy())

@@ -22,14 +22,21 @@ MAX_RANK = 8
 PNG_MODES = {1: "L", 3: "RGB"}
 
 
-def array_to_tensor(array: np.ndarray) -> pb.Tensor:
-    """float32 or uint8 array -> Tensor (other float/int dtypes are converted to float32)."""
+def array_to_tensor(array: np.ndarray, into: pb.Tensor | None = None) -> pb.Tensor:
+    """float32 or uint8 array -> Tensor (other float/int dtypes are converted to float32).
+
+    With `into` (a field of the response being built) the data is written there: building a
+    Tensor and then assigning it to a field would copy the bytes once more per nesting level."""
     array = np.asarray(array)
     if array.dtype == np.uint8:
         dtype, data = pb.DATA_TYPE_UINT8, np.ascontiguousarray(array)
     else:
         dtype, data = pb.DATA_TYPE_FLOAT32, np.ascontiguousarray(array, dtype="<f4")
-    return pb.Tensor(dtype=dtype, shape=list(array.shape), data=data.tobytes())
+    tensor = pb.Tensor() if into is None else into
+    tensor.dtype = dtype
+    tensor.shape[:] = array.shape
+    tensor.data = data.tobytes()
+    return tensor
 
 
 def tensor_to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
@@ -125,13 +132,17 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def encode_images(images: np.ndarray, image_format: int) -> pb.Images:
-    """float32 (N, C, H, W) in [0, 1] -> Images in the requested ImageFormat."""
+def encode_images(images: np.ndarray, image_format: int, into: pb.Images | None = None) -> pb.Images:
+    """float32 (N, C, H, W) in [0, 1] -> Images in the requested ImageFormat (written into `into`
+    when given, as array_to_tensor)."""
+    target = pb.Images() if into is None else into
     if image_format == pb.IMAGE_FORMAT_PNG:
-        return pb.Images(png=pb.PngImages(png=[encode_png(image) for image in images]))
-    if image_format == pb.IMAGE_FORMAT_UINT8:
-        return pb.Images(tensor=array_to_tensor(to_uint8(images)))
-    return pb.Images(tensor=array_to_tensor(np.asarray(images, dtype=np.float32)))
+        target.png.png[:] = [encode_png(image) for image in images]
+    elif image_format == pb.IMAGE_FORMAT_UINT8:
+        array_to_tensor(to_uint8(images), into=target.tensor)
+    else:
+        array_to_tensor(np.asarray(images, dtype=np.float32), into=target.tensor)
+    return target
 
 
 def check_image_format(image_format: int) -> None:

@@ -95,10 +95,12 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
         return codec.decode_images(images, shape, self.limits.max_images_per_request, what)
 
     @staticmethod
-    async def _images_out(images: np.ndarray, image_format: int) -> pb.Images:
-        if image_format == pb.IMAGE_FORMAT_PNG:
-            return await asyncio.to_thread(codec.encode_images, images, image_format)
-        return codec.encode_images(images, image_format)
+    async def _images_out(images: np.ndarray, image_format: int, into: pb.Images) -> None:
+        """Encode into the response's images field (no copy of a finished message)."""
+        if image_format == pb.IMAGE_FORMAT_PNG:  # encoding PNGs is CPU work: off the loop
+            await asyncio.to_thread(codec.encode_images, images, image_format, into)
+        else:
+            codec.encode_images(images, image_format, into)
 
     async def _run(self, graph: LoadedGraph, rows: np.ndarray, call: Call) -> list[np.ndarray]:
         outputs, timing = await graph.infer(rows, call.deadline)
@@ -185,9 +187,10 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                         raise InvalidArgument(f"temperature must be a positive finite number, got {temperature}")
                     z = latents.sample_prior(prior, count, request.seed, temperature)
                 images = (await self._run(graph, z, call))[0]
-                response = pb.GenerateResponse(model=self._ref(loaded), images=await self._images_out(images, request.output_format))
+                response = pb.GenerateResponse(model=self._ref(loaded))
+                await self._images_out(images, request.output_format, response.images)
                 if request.return_latents:
-                    response.latents.CopyFrom(codec.array_to_tensor(z))
+                    codec.array_to_tensor(z, into=response.latents)
                 return response
 
         return await self.calls.run("Generate", context, body)
@@ -201,10 +204,10 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                 mean, logvar = await self._encode_means(loaded, images, call)
                 response = pb.EncodeResponse(model=self._ref(loaded))
                 if logvar is None:
-                    response.codes.CopyFrom(codec.array_to_tensor(mean))
+                    codec.array_to_tensor(mean, into=response.codes)
                 else:
-                    response.mean.CopyFrom(codec.array_to_tensor(mean))
-                    response.logvar.CopyFrom(codec.array_to_tensor(logvar))
+                    codec.array_to_tensor(mean, into=response.mean)
+                    codec.array_to_tensor(logvar, into=response.logvar)
                 return response
 
         return await self.calls.run("Encode", context, body)
@@ -227,7 +230,9 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                         f"Reconstruct: model {loaded.name!r} ({loaded.manifest.kind}) has no encoder and decoder; "
                         f"it supports {', '.join(loaded.operations)}"
                     )
-                return pb.ReconstructResponse(model=self._ref(loaded), images=await self._images_out(out, request.output_format))
+                response = pb.ReconstructResponse(model=self._ref(loaded))
+                await self._images_out(out, request.output_format, response.images)
+                return response
 
         return await self.calls.run("Reconstruct", context, body)
 
@@ -239,7 +244,9 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                 graph = self._require(loaded, "denoiser", "Denoise")
                 images = await self._images_in(request.images, loaded)
                 out = (await self._run(graph, images, call))[0]
-                return pb.DenoiseResponse(model=self._ref(loaded), images=await self._images_out(out, request.output_format))
+                response = pb.DenoiseResponse(model=self._ref(loaded))
+                await self._images_out(out, request.output_format, response.images)
+                return response
 
         return await self.calls.run("Denoise", context, body)
 
@@ -269,9 +276,9 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                     raise InvalidArgument(f"interpolation needs exactly 2 endpoints, got {len(pair)}")
                 path = latents.interpolate(pair[0], pair[1], steps, request.method == pb.INTERPOLATION_METHOD_SPHERICAL)
                 out = (await self._run(graph, path, call))[0]
-                return pb.InterpolateResponse(
-                    model=self._ref(loaded), images=await self._images_out(out, request.output_format),
-                    latents=codec.array_to_tensor(path),
-                )
+                response = pb.InterpolateResponse(model=self._ref(loaded))
+                await self._images_out(out, request.output_format, response.images)
+                codec.array_to_tensor(path, into=response.latents)
+                return response
 
         return await self.calls.run("Interpolate", context, body)
