@@ -72,7 +72,7 @@ BUILD_FORMAT = "1"  # bump to rebuild cached repositories after changing how mod
 MODE = "on"  # serving_bench's mode: batching on, max_queue_delay_us 0
 OFF_MODE = "off"  # serving_bench's mode: dynamic_batching false (each request runs alone)
 SERVER = argparse.Namespace(max_batch=MAX_BATCH, queue_delay_us=0, max_queue_size=65536, intra_op_threads=1,
-                            inference_threads=1, cpu_memory_arena=True)
+                            inference_threads=1, cpu_memory_arena=True, event_loop="auto")
 SERVER_LOADS = ((1, 64), (64, 4))  # (samples per request, concurrent clients)
 IN_PROCESS_ROWS = (1, 64)
 MiB = 1024 * 1024

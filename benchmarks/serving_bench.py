@@ -219,6 +219,7 @@ class ServerProcess:
             "poll_interval_s": 0,
             "inference_threads": args.inference_threads,
             "grace_period_s": 1.0,
+            "event_loop": args.event_loop,
             "log_level": "warning",
             "limits": {"max_samples_per_request": 1024, "max_images_per_request": 1024},
             "defaults": defaults,
@@ -523,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue-size", type=int, default=65536, help="max_queue_size (default 65536: measure, do not shed)")
     p.add_argument("--intra-op-threads", type=int, default=1, help="onnxruntime intra-op threads, server and in-process")
     p.add_argument("--inference-threads", type=int, default=1, help="the server's inference_threads")
+    p.add_argument("--event-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                   help="the server's event_loop (default auto: uvloop when installed)")
     p.add_argument("--deadline", type=float, default=30.0, help="per-call deadline in seconds")
     p.add_argument("--max-in-flight", type=int, default=512, help="open loop: outstanding requests at most")
     p.add_argument("--only", help="run only workloads whose label contains one of these, comma-separated "

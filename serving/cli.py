@@ -13,6 +13,8 @@ import asyncio
 import dataclasses
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from serving.config import ConfigError, load_config
 from serving.logs import configure_logging, log_event
@@ -59,13 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from serving.server import serve  # imports onnxruntime and the generated code
 
-        return asyncio.run(serve(config))
+        return run_event_loop(serve(config), config.event_loop)
     except GpuRequiredError as error:
         log_event(log, "gpu_required", level=logging.ERROR, error=str(error))
         return 3
     except (OSError, RuntimeError, ConfigError) as error:
         log_event(log, "failed", level=logging.ERROR, error=f"{type(error).__name__}: {error}")
         return 1
+
+
+def run_event_loop(main: Coroutine[Any, Any, int], event_loop: str) -> int:
+    """Run `main` on uvloop (auto: when it is installed) or on asyncio's own loop."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                main.close()
+                raise ConfigError("event_loop: uvloop needs the uvloop package (pip install uvloop); "
+                                  "or set event_loop: asyncio") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 if __name__ == "__main__":

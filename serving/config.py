@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 VARIANTS = ("fp32", "fp16")
 MiB = 1024 * 1024
 
@@ -141,6 +142,7 @@ class ServerConfig:
     require_gpu: bool = False  # refuse to serve a graph that onnxruntime runs on the CPU
     inference_threads: int = 2  # threads running onnxruntime sessions (off the event loop)
     grace_period_s: float = 10.0  # on SIGTERM/SIGINT, in-flight calls get this long to finish
+    event_loop: str = "auto"  # auto (uvloop when installed, else asyncio's) | uvloop | asyncio
     log_json: bool = False
     log_level: str = "info"
     auth_token: str | None = None  # bearer token required on every call but health
@@ -166,6 +168,8 @@ class ServerConfig:
         _positive("grace_period_s", self.grace_period_s, allow_zero=True)
         if isinstance(self.inference_threads, bool) or not isinstance(self.inference_threads, int) or self.inference_threads < 1:
             raise ConfigError(f"inference_threads must be a positive integer, got {self.inference_threads!r}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if self.auth_token is not None and self.auth_token_file is not None:

@@ -146,7 +146,8 @@ class GenserveServer:
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
         log_event(log, "listening", host=config.host, port=self.port, metrics_port=self.metrics_port,
-                  tls=credentials is not None, auth=token is not None, repository=str(repository.root))
+                  tls=credentials is not None, auth=token is not None, repository=str(repository.root),
+                  event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
         await self.manager.load_all()
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)

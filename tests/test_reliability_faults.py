@@ -124,10 +124,12 @@ def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict]:
 # --- 1. SIGTERM under load ------------------------------------------------------------------------
 def test_sigterm_under_load_loses_no_accepted_request(repo: Repository, tmp_path: Path) -> None:
     config = tmp_path / "serve.yaml"  # requests wait 50 ms in the batcher: some are in flight at SIGTERM
-    config.write_text("defaults: {intra_op_threads: 1, max_queue_delay_us: 50000}\n")
+    # asyncio's own loop here (the other subprocess tests run on uvloop, the default): both shut down cleanly
+    config.write_text("event_loop: asyncio\ndefaults: {intra_op_threads: 1, max_queue_delay_us: 50000}\n")
     port = _free_port()
     server = start_server(repo.root, port, "--grace-period", "10", "--config", str(config))
     try:
+        assert server.wait_for("listening")["event_loop"] == "asyncio"
         server.wait_for("serving")
         clients = 6
         results: list[tuple[str, str, float, float]] = []  # request id, code, sent, ended

@@ -43,7 +43,9 @@ def test_sigterm_lets_in_flight_calls_finish_then_exits_0(repo: Repository, tmp_
     config.write_text("defaults: {intra_op_threads: 1}\nmodels:\n  mnist-vae: {max_queue_delay_us: 1500000}\n")
     server = start_server(["--repository", str(repo.root), "--config", str(config), "--grace-period", "10"])
     try:
-        port = server.wait_for("listening")["port"]
+        listening = server.wait_for("listening")
+        assert listening["event_loop"] == "uvloop"  # a dependency on Linux: event_loop auto picks it
+        port = listening["port"]
         server.wait_for("serving")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         genserve = genserve_pb2_grpc.GenserveStub(channel)

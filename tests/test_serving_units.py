@@ -73,6 +73,9 @@ def test_config_from_toml_merges_nested_flags(tmp_path: Path) -> None:
         ("repository: /m\ntls: {cert_file: /nonexistent}\n", "cert_file and tls.key_file go together"),
         ("port: 1\n", "no model repository"),
         ("repository: /m\nlimits: {max_images_per_request: -1}\n", "limits.max_images_per_request"),
+        ("repository: /m\nevent_loop: trio\n", "event_loop must be one of auto, uvloop, asyncio"),
+        ("repository: /m\ndefaults: {dynamic_batching: 0}\n", "defaults.dynamic_batching must be true or false"),
+        ("repository: /m\nmodels: {a: {cpu_memory_arena: 'no'}}\n", "models.a.cpu_memory_arena must be true or false"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
