@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -22,6 +22,8 @@ from serving.errors import FailedPrecondition, InvalidArgument
 from serving.models import LoadedGraph, LoadedVersion, ModelManager
 from serving.protos import genserve_pb2 as pb
 from serving.protos import genserve_pb2_grpc
+
+Response = TypeVar("Response", pb.GenerateResponse, pb.ReconstructResponse, pb.DenoiseResponse, pb.InterpolateResponse)
 
 
 def _shape(spec_shape: tuple[int | str, ...]) -> list[int]:
@@ -94,13 +96,15 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
             return await asyncio.to_thread(codec.decode_images, images, shape, self.limits.max_images_per_request, what)
         return codec.decode_images(images, shape, self.limits.max_images_per_request, what)
 
-    @staticmethod
-    async def _images_out(images: np.ndarray, image_format: int, into: pb.Images) -> None:
-        """Encode into the response's images field (no copy of a finished message)."""
+    async def _images_response(self, response_type: type[Response], loaded: LoadedVersion, images: np.ndarray,
+                               image_format: int) -> Response:
+        """A response with `model` set and `images` encoded in place (no copy of a finished message)."""
+        response = response_type(model=self._ref(loaded))
         if image_format == pb.IMAGE_FORMAT_PNG:  # encoding PNGs is CPU work: off the loop
-            await asyncio.to_thread(codec.encode_images, images, image_format, into)
+            await asyncio.to_thread(codec.encode_images, images, image_format, response.images)
         else:
-            codec.encode_images(images, image_format, into)
+            codec.encode_images(images, image_format, response.images)
+        return response
 
     async def _run(self, graph: LoadedGraph, rows: np.ndarray, call: Call) -> list[np.ndarray]:
         outputs, timing = await graph.infer(rows, call.deadline)
@@ -187,8 +191,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                         raise InvalidArgument(f"temperature must be a positive finite number, got {temperature}")
                     z = latents.sample_prior(prior, count, request.seed, temperature)
                 images = (await self._run(graph, z, call))[0]
-                response = pb.GenerateResponse(model=self._ref(loaded))
-                await self._images_out(images, request.output_format, response.images)
+                response = await self._images_response(pb.GenerateResponse, loaded, images, request.output_format)
                 if request.return_latents:
                     codec.array_to_tensor(z, into=response.latents)
                 return response
@@ -230,9 +233,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                         f"Reconstruct: model {loaded.name!r} ({loaded.manifest.kind}) has no encoder and decoder; "
                         f"it supports {', '.join(loaded.operations)}"
                     )
-                response = pb.ReconstructResponse(model=self._ref(loaded))
-                await self._images_out(out, request.output_format, response.images)
-                return response
+                return await self._images_response(pb.ReconstructResponse, loaded, out, request.output_format)
 
         return await self.calls.run("Reconstruct", context, body)
 
@@ -244,9 +245,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                 graph = self._require(loaded, "denoiser", "Denoise")
                 images = await self._images_in(request.images, loaded)
                 out = (await self._run(graph, images, call))[0]
-                response = pb.DenoiseResponse(model=self._ref(loaded))
-                await self._images_out(out, request.output_format, response.images)
-                return response
+                return await self._images_response(pb.DenoiseResponse, loaded, out, request.output_format)
 
         return await self.calls.run("Denoise", context, body)
 
@@ -276,8 +275,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                     raise InvalidArgument(f"interpolation needs exactly 2 endpoints, got {len(pair)}")
                 path = latents.interpolate(pair[0], pair[1], steps, request.method == pb.INTERPOLATION_METHOD_SPHERICAL)
                 out = (await self._run(graph, path, call))[0]
-                response = pb.InterpolateResponse(model=self._ref(loaded))
-                await self._images_out(out, request.output_format, response.images)
+                response = await self._images_response(pb.InterpolateResponse, loaded, out, request.output_format)
                 codec.array_to_tensor(path, into=response.latents)
                 return response
 
