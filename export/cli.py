@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--fp16", action="store_true", help="also write float16 variants (<part>.fp16.onnx) for CUDA")
     parser.add_argument("--keep", type=_positive, metavar="N", help="then remove all but the newest N versions (never a served one)")
-    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="last", help="which checkpoint to export (default last)")
+    parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="auto",
+                        help="which checkpoint to export: auto (default) is the best by sample quality for GANs "
+                        "and AAEs that measured it, else the last")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only the version directory")
     return parser
 

@@ -36,7 +36,7 @@ from export.provenance import exporter_info
 from export.repository import Repository
 
 DEFAULT_MAX_BATCH = 64
-CHECKPOINT_CHOICES = ("last", "best")
+CHECKPOINT_CHOICES = ("auto", "last", "best")  # as training.checkpoint.find_checkpoint (not imported: torch)
 
 
 @dataclass
@@ -126,7 +126,7 @@ def export_part_checked(
 def _check_arguments(run_dir: Path, name: str | None, max_batch: int, keep: int | None, checkpoint: str) -> None:
     """Fail on bad arguments before the slow work starts."""
     if checkpoint not in CHECKPOINT_CHOICES:
-        raise ValueError(f"checkpoint must be 'last' or 'best', not {checkpoint!r}")
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINT_CHOICES)}, not {checkpoint!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max batch must be a positive integer, got {max_batch!r}")
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
@@ -196,7 +196,7 @@ def export_run(
     max_batch: int = DEFAULT_MAX_BATCH,
     fp16: bool = False,
     keep: int | None = None,
-    checkpoint: str = "last",
+    checkpoint: str = "auto",
     tolerance: Tolerance = FP32_TOLERANCE,
     fp16_tolerance: Tolerance = FP16_TOLERANCE,
     opset: int = OPSET,

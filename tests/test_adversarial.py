@@ -16,16 +16,15 @@ from torch import nn
 from training.checkpoint import epoch_checkpoints, load_trained_model
 from training.config import TrainConfig
 from training.data.types import ImageDataset
-from training.models import Batch, StepContext, build_model
+from training.models import Batch, StepContext, build_model, model_class
 from training.models.aae import AdversarialAutoencoder
-from training.models.adversarial import ADVERSARIAL_MODELS
-from training.models.dcgan import DCGAN, layer_plan
-from training.models.gan import GAN, FullyConnectedGAN
+from training.models.dcgan import DCGAN, ClassicDCGAN, layer_plan
+from training.models.gan import GAN, MLPGAN, BalancedMLPGAN
 from training.models.priors import GaussianPrior, MixturePrior, UniformPrior, build_prior
 from training.pictures import fixed_latents
 from training.trainer import NonFiniteLossError, Trainer
 
-KINDS = ["gan", "dcgan", "aae"]
+KINDS = ["gan", "gan-balanced", "dcgan", "dcgan-classic", "aae"]
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 64, 64)]
 GAN_LOSSES = {"loss", "d_loss", "g_loss", "d_real", "d_fake"}
 AAE_LOSSES = GAN_LOSSES | {"recon"}
@@ -57,12 +56,15 @@ def labelled_batch(images: torch.Tensor) -> Batch:
 
 
 def test_registry() -> None:
-    registry = ADVERSARIAL_MODELS
-    assert registry == {"gan": FullyConnectedGAN, "dcgan": DCGAN, "aae": AdversarialAutoencoder}
-    for kind, cls in registry.items():
+    expected = {
+        "gan": MLPGAN, "gan-balanced": BalancedMLPGAN, "dcgan": DCGAN, "dcgan-classic": ClassicDCGAN,
+        "aae": AdversarialAutoencoder,
+    }
+    assert {kind: model_class(kind) for kind in expected} == expected
+    for kind, cls in expected.items():
         model = build_model(kind, (1, 28, 28), TrainConfig(model=kind), 10)
-        assert type(model) is cls and model.kind == kind and model.can_sample
-    assert FullyConnectedGAN.default_lr == DCGAN.default_lr == 2e-4
+        assert type(model) is cls and model.kind == kind and model.can_sample and model.adversarial
+    assert MLPGAN.default_lr == DCGAN.default_lr == 2e-4
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -74,7 +76,7 @@ def test_trains_a_few_steps(kind: str, shape: tuple[int, int, int]) -> None:
     batch = labelled_batch(smooth_images(4, shape))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     history = [model.train_step(batch, optimizers, context(i)) for i in range(2)]
-    expected = AAE_LOSSES if kind == "aae" else GAN_LOSSES
+    expected = AAE_LOSSES if kind == "aae" else GAN_LOSSES | ({"d_skipped", "g_skipped"} if model.balance else set())
     for losses in history:
         assert set(losses) == expected
         for value in losses.values():
@@ -84,10 +86,11 @@ def test_trains_a_few_steps(kind: str, shape: tuple[int, int, int]) -> None:
     total = last["d_loss"] + last["g_loss"] + (last["recon"] if kind == "aae" else 0)
     torch.testing.assert_close(last["loss"], total)
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed >= ({"encoder", "decoder", "discriminator"} if kind == "aae" else {"generator", "discriminator"})
+    players = {"encoder", "decoder", "discriminator"} if kind == "aae" else {"generator", "discriminator"}
+    assert changed & players if model.balance else changed >= players  # balance may skip one player
 
     model.eval()
-    assert set(model.eval_losses(batch)) == expected
+    assert set(model.eval_losses(batch)) == expected - {"d_skipped", "g_skipped"}
     samples = model.sample(3, torch.Generator().manual_seed(0))
     assert samples.shape == (3, *shape) and samples.dtype == torch.float32
     assert samples.min() >= 0 and samples.max() <= 1
@@ -101,7 +104,8 @@ def test_named_optimizers_cover_the_players() -> None:
     optimizers = gan.configure_optimizers()
     assert set(optimizers) == {"generator", "discriminator"}
     for name, optimizer in optimizers.items():
-        assert optimizer.param_groups[0]["lr"] == 2e-4 and optimizer.param_groups[0]["betas"][0] == 0.5
+        lr = 2e-4 * (gan.d_lr_scale if name == "discriminator" else 1.0)  # two time-scale rule
+        assert optimizer.param_groups[0]["lr"] == lr and optimizer.param_groups[0]["betas"][0] == 0.5
         assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in getattr(gan, name).parameters()}
     aae = build_model("aae", (1, 28, 28), TrainConfig(model="aae"))
     assert set(aae.configure_optimizers()) == {"autoencoder", "discriminator", "encoder"}
@@ -109,8 +113,9 @@ def test_named_optimizers_cover_the_players() -> None:
         "generator"].param_groups[0]["lr"] == 1e-3
 
 
-def test_gan_architecture_and_value_ranges() -> None:
-    model = build_model("gan", (1, 28, 28), TrainConfig(model="gan"))
+@pytest.mark.parametrize("kind", ["gan", "gan-balanced"])
+def test_gan_architecture_and_value_ranges(kind: str) -> None:
+    model = build_model(kind, (1, 28, 28), TrainConfig(model=kind))
     linear = [m for m in model.generator if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linear] == [(100, 256), (256, 512), (512, 1024), (1024, 784)]
     linear = [m for m in model.discriminator if isinstance(m, nn.Linear)]
@@ -133,7 +138,7 @@ def test_dcgan_layer_plan(size: int, plan: tuple[int, int, int]) -> None:
 
 
 def test_dcgan_rules() -> None:
-    model = build_model("dcgan", (3, 64, 64), TrainConfig(model="dcgan"))
+    model = build_model("dcgan-classic", (3, 64, 64), TrainConfig(model="dcgan-classic"))
     g, d = list(model.generator), list(model.discriminator)
     assert isinstance(g[-1], nn.Tanh) and isinstance(g[-2], nn.ConvTranspose2d)  # no batch norm at G's output
     assert isinstance(d[0], nn.Conv2d) and isinstance(d[1], nn.LeakyReLU)  # none at D's input
@@ -141,6 +146,9 @@ def test_dcgan_rules() -> None:
     assert not any(isinstance(m, nn.MaxPool2d | nn.AvgPool2d) for m in model.modules())
     assert all(m.stride == (2, 2) for m in d[:-2] if isinstance(m, nn.Conv2d))
     assert any(isinstance(m, nn.ReLU) for m in g) and not any(isinstance(m, nn.LeakyReLU) for m in g)
+    default = build_model("dcgan", (3, 64, 64), TrainConfig(model="dcgan"))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in default.discriminator.modules())  # spectral norm instead
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in default.generator) == 4
     resize = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan", upsample="resize"))
     upsamplers = [m for m in resize.generator.modules() if isinstance(m, nn.Upsample)]
     assert len(upsamplers) == 2
@@ -157,8 +165,8 @@ def test_latent_is_the_noise() -> None:
 
 
 def test_balance_skips_the_player_far_ahead() -> None:
-    model = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan", balance=True))
-    assert isinstance(model, GAN)
+    model = build_model("dcgan-classic", (1, 28, 28), TrainConfig(model="dcgan-classic", balance=True))
+    assert isinstance(model, GAN) and model.balance
     t = torch.tensor
     assert model.players_to_update(t(0.1), t(1.0)) == (False, True)
     assert model.players_to_update(t(1.0), t(0.1)) == (True, False)

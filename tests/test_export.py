@@ -38,8 +38,8 @@ from export.parity import (
 )
 from export.pipeline import ExportResult, export_part_checked, export_run
 from training.checkpoint import CheckpointError, load_trained_model, save_checkpoint
-from training.config import MODEL_KINDS, TrainConfig
-from training.models import GenerativeModel, build_model, model_class
+from training.config import TrainConfig
+from training.models import GenerativeModel, build_model, model_kinds
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 64, 64)]
 DATASETS = {(1, 28, 28): "mnist-5k", (3, 32, 32): "cifar10", (1, 64, 64): "textures-64"}
@@ -55,14 +55,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def registered_kinds() -> list[str]:
-    kinds = []
-    for kind in MODEL_KINDS:
-        try:
-            model_class(kind)
-        except ValueError:  # not written yet
-            continue
-        kinds.append(kind)
-    return kinds
+    return list(model_kinds(presets=False))
 
 
 KINDS = registered_kinds()

@@ -10,14 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from training.config import TrainConfig
-from training.models import Batch, GenerativeModel, StepContext, build_model
-from training.models.autoencoder import ConvAutoencoder, DenoisingAutoencoder
+from training.models import Batch, GenerativeModel, StepContext, build_model, model_class
+from training.models.autoencoder import (
+    ConvAutoencoder,
+    DenoisingAutoencoder,
+    KerasConvAutoencoder,
+    KerasDenoisingAutoencoder,
+)
 from training.models.likelihood import bernoulli_log_prob, estimate_nll, gaussian_log_prob
-from training.models.vae import VAE, ConvVAE, DenseVAE
+from training.models.vae import VAE, ConvVAE, CsnlDenseVAE, DenseVAE, KerasConvVAE
 
-KINDS = ["dense-vae", "vae", "ae", "dae"]
+KINDS = ["dense-vae", "dense-vae-csnl", "vae", "vae-keras", "ae", "ae-keras", "dae", "dae-keras"]
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 64, 64)]
-VAE_KINDS = ["dense-vae", "vae"]
+VAE_KINDS = ["dense-vae", "dense-vae-csnl", "vae", "vae-keras"]
 
 
 def smooth_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
@@ -29,7 +34,7 @@ def smooth_images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.T
 
 
 def make_batch(kind: str, images: torch.Tensor, noise_factor: float = 0.5) -> Batch:
-    if kind != "dae":
+    if not model_class(kind).noisy_inputs:
         return Batch(images=images, inputs=images)
     g = torch.Generator().manual_seed(1)
     noisy = (images + noise_factor * torch.randn(images.shape, generator=g)).clamp(0, 1)
@@ -46,7 +51,11 @@ def train(model: GenerativeModel, batch: Batch, steps: int) -> list[dict[str, to
 
 
 def test_registry_builds_each_kind() -> None:
-    expected = {"dense-vae": DenseVAE, "vae": ConvVAE, "ae": ConvAutoencoder, "dae": DenoisingAutoencoder}
+    expected = {
+        "dense-vae": DenseVAE, "dense-vae-csnl": CsnlDenseVAE, "vae": ConvVAE, "vae-keras": KerasConvVAE,
+        "ae": ConvAutoencoder, "ae-keras": KerasConvAutoencoder, "dae": DenoisingAutoencoder,
+        "dae-keras": KerasDenoisingAutoencoder,
+    }
     for kind, cls in expected.items():
         model = build_model(kind, (1, 28, 28), TrainConfig(model=kind))
         assert type(model) is cls and model.kind == kind
@@ -68,7 +77,7 @@ def test_forward_shapes(kind: str, shape: tuple[int, int, int]) -> None:
     if kind in VAE_KINDS:
         assert model.can_sample
         assert model.sample(3, torch.Generator().manual_seed(0)).shape == (3, *shape)
-        assert model.prior_spec() == {"distribution": "normal", "mean": 0.0, "std": 1.0, "dim": 16}
+        assert model.prior_spec() == {"distribution": "normal", "mean": 0.0, "std": 1.0, "dim": model.latent_dim}
     else:
         assert not model.can_sample
         with pytest.raises(NotImplementedError):
@@ -113,7 +122,7 @@ def test_servable_parts(kind: str, shape: tuple[int, int, int]) -> None:
     images = smooth_images(3, shape)
     parts = {name: part.eval() for name, part in model.servable_parts().items()}
     with torch.no_grad():
-        if kind == "dae":
+        if model.noisy_inputs:
             assert set(parts) == {"denoiser"}
             outputs = [parts["denoiser"](images), parts["denoiser"](images)]
         else:
@@ -132,15 +141,19 @@ def test_servable_parts(kind: str, shape: tuple[int, int, int]) -> None:
 
 def test_autoencoder_code_size() -> None:
     config = TrainConfig(model="ae", latent_dim=7)  # ignored by the autoencoders
-    assert build_model("ae", (1, 28, 28), config).latent_dim == 8 * 4 * 4
-    assert build_model("dae", (1, 28, 28), config).latent_dim == 16 * 4 * 4
-    odd = build_model("ae", (3, 31, 9), config)
+    assert build_model("ae", (1, 28, 28), config).latent_dim == 4 * 7 * 7
+    assert build_model("dae", (1, 28, 28), config).latent_dim == 16 * 7 * 7
+    assert build_model("ae", (1, 64, 64), config).code_shape == (4, 8, 8)
+    assert build_model("ae-keras", (1, 28, 28), config).latent_dim == 8 * 4 * 4
+    assert build_model("dae-keras", (1, 28, 28), config).latent_dim == 16 * 4 * 4
+    odd = build_model("ae-keras", (3, 31, 9), config)
     assert odd.code_shape == (8, 4, 2)
     assert odd.reconstruct(torch.rand(2, 3, 31, 9)).shape == (2, 3, 31, 9)
 
 
 def test_vae_latent_dim_and_odd_sizes() -> None:
-    assert build_model("vae", (1, 28, 28), TrainConfig()).latent_dim == 16
+    assert build_model("vae", (1, 28, 28), TrainConfig()).latent_dim == 32
+    assert build_model("vae-keras", (1, 28, 28), TrainConfig()).latent_dim == 2
     model = build_model("vae", (3, 31, 9), TrainConfig(latent_dim=5))
     assert model.encode(torch.rand(2, 3, 31, 9)).shape == (2, 5)
     assert model.sample(2).shape == (2, 3, 31, 9)
@@ -227,7 +240,7 @@ def test_training_is_reproducible() -> None:
         batch = make_batch(kind, smooth_images(8, (1, 28, 28)))
         return [out["loss"].item() for out in train(model, batch, 5)]
 
-    for kind in ("vae", "ae"):
+    for kind in ("vae", "ae", "vae-keras"):
         assert run(kind) == run(kind)
 
 

@@ -41,17 +41,10 @@ TRAIN_IMAGES = 64
 
 
 def registered_kinds() -> list[str]:
-    from training.config import MODEL_KINDS
-    from training.models import model_class
+    """The default recipe of every model kind (the presets share their servable parts)."""
+    from training.models import model_kinds
 
-    kinds = []
-    for kind in MODEL_KINDS:
-        try:
-            model_class(kind)
-        except ValueError:
-            continue
-        kinds.append(kind)
-    return kinds
+    return list(model_kinds(presets=False))
 
 
 def model_name(kind: str) -> str:

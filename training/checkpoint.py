@@ -185,16 +185,26 @@ def epoch_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def find_checkpoint(run_dir: Path, which: str = "last") -> Path:
-    """The last epoch checkpoint, or the best one ("best"); a clear error when there is none."""
+CHECKPOINT_CHOICES = ("auto", "last", "best")
+
+
+def find_checkpoint(run_dir: Path, which: str = "auto") -> Path:
+    """The last epoch checkpoint ("last"), the best one ("best"), or "auto": the best where the run chose
+    it by sample quality (a GAN's or AAE's fid_domain, which its losses do not measure), else the last.
+    A clear error when there is none."""
     run_dir = Path(run_dir)
-    if which == "best":
-        path = run_dir / CHECKPOINTS / BEST
-        if path.is_dir():
-            return path
-        which = "last"  # a run too short to have a test loss has no best yet
-    if which != "last":
-        raise ValueError(f"checkpoint must be 'last' or 'best', not {which!r}")
+    if which not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINT_CHOICES)}, not {which!r}")
+    best = run_dir / CHECKPOINTS / BEST
+    if which == "auto":
+        try:
+            metric = json.loads((best / "state.json").read_text()).get("selection_metric", "test_loss")
+        except (OSError, ValueError):
+            metric = "test_loss"
+        which = "best" if metric != "test_loss" else "last"
+    if which == "best" and best.is_dir():
+        return best
+    # "last", or a run too short (or unmeasurable) to have a best yet
     found = epoch_checkpoints(run_dir)
     if not found:
         raise CheckpointError(
@@ -252,7 +262,7 @@ def load_run_info(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
     return config, info
 
 
-def load_trained_model(run_dir: Path, which: str = "last", device: str | torch.device = "cpu"):
+def load_trained_model(run_dir: Path, which: str = "auto", device: str | torch.device = "cpu"):
     """Rebuild a trained model from a run directory, in eval mode. Returns (model, config, info, checkpoint)."""
     from training.models import build_model
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from training.config import MODEL_KINDS, TrainConfig, read_config_file
+from training.config import TrainConfig, read_config_file
+from training.models import model_kinds
 
 DATASET_HELP = "mnist | fashion-mnist | cifar10 | faces | textures | mnist-5k (embedded, no download)"
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # only what the user typed overrides the config file
     )
-    p.add_argument("model", choices=MODEL_KINDS, help="model kind")
+    p.add_argument("model", choices=model_kinds(), help="model kind")
     g = p.add_argument_group("run")
     g.add_argument("--dataset", help=f"dataset: {DATASET_HELP} (default mnist-5k)")
     g.add_argument("--data-dir", help="dataset folder (default: $GENSERVE_DATA, else ./data)")
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help="epochs to train (default 10)")
     g.add_argument("--batch-size", type=int, help="batch size (default 128)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default per model: 1e-3; 2e-4 for GANs)")
+    g.add_argument("--lr-schedule", choices=("cosine", "constant"), help="default per model: cosine; constant for GANs and presets")
     g.add_argument("--latent-dim", type=int, help="latent size (default per model)")
     g.add_argument("--limit", type=int, help="use only the first N training images")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: CUDA when present")

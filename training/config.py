@@ -11,8 +11,6 @@ from typing import Any
 
 import yaml
 
-MODEL_KINDS = ("vae", "dense-vae", "ae", "dae", "gan", "dcgan", "aae")
-
 
 @dataclass
 class TrainConfig:
@@ -23,6 +21,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float | None = None  # None: the model kind's documented default
+    lr_schedule: str | None = None  # cosine | constant; None: the model kind's default (cosine; constant for GANs)
     adam_beta1: float | None = None  # None: the model kind's default (0.9; 0.5 for GANs)
     latent_dim: int | None = None  # None: the model kind's default
     limit: int | None = None  # use only the first N training images
@@ -41,7 +40,7 @@ class TrainConfig:
     kl_warmup: float = 0.0  # fraction of training over which the KL weight rises linearly from 0 to beta
     # adversarial options
     noise_dim: int = 100
-    balance: bool = False
+    balance: bool | None = None  # skip the update of a player far ahead; None: the kind's default
     upsample: str = "transposed"  # transposed | resize
     prior: str = "gaussian"  # aae prior: gaussian | uniform | mixture
     prior_std: float = 5.0
@@ -72,8 +71,11 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        if self.model not in MODEL_KINDS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_KINDS)}")
+        from training.models import model_class
+
+        model_class(self.model)  # a clear error naming every kind when it is unknown
+        if self.lr_schedule not in (None, "cosine", "constant"):
+            raise ValueError(f"lr_schedule must be cosine or constant, not {self.lr_schedule!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.likelihood not in ("bernoulli", "gaussian", "gaussian-learned"):

@@ -131,11 +131,11 @@ def write_final_pictures(
 
     first = next(iter(test_loader))
     shown = first.images[:SHOWN]
-    if model.can_reconstruct and config.model != "dae":
+    if model.can_reconstruct and not model.noisy_inputs:
         plots.image_rows(out / "reconstructions.png",
                          [("test images", shown), ("reconstructions", model.reconstruct(shown))],
                          f"{title}: test images and their reconstructions")
-    if config.model == "dae":
+    if model.noisy_inputs:
         plots.image_rows(out / "denoising.png",
                          [("clean", shown), (f"noisy ({config.noise_factor})", first.inputs[:SHOWN]),
                           ("denoised", model.reconstruct(first.inputs[:SHOWN]))],
@@ -144,7 +144,7 @@ def write_final_pictures(
         generator = torch.Generator().manual_seed(config.seed + 3)
         plots.image_grid(out / "samples.png", model.sample(FIXED_SAMPLES, generator), f"{title}: samples from the prior")
         progress_strip(out)
-    if model.can_encode and config.model != "dae":
+    if model.can_encode and not model.noisy_inputs:
         latents, labels = [], []
         seen = 0
         for batch in test_loader:
@@ -156,7 +156,7 @@ def write_final_pictures(
                 break
         latent_pictures(model, dataset, config, out, torch.cat(latents).flatten(1),
                         torch.cat(labels).numpy() if labels else None)
-    if config.model in ("gan", "dcgan", "aae"):  # their own pictures: losses of both players, AAE latents vs prior
+    if model.adversarial:  # their own pictures: losses of both players, AAE latents vs prior
         from training.pictures_adversarial import write_adversarial_pictures
 
         write_adversarial_pictures(model, dataset, config, run_dir, state, test_loader)

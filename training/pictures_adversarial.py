@@ -28,7 +28,6 @@ from training.data.loader import DeviceLoader
 from training.data.types import ImageDataset
 from training.models import GenerativeModel
 
-ADVERSARIAL_KINDS = ("gan", "dcgan", "aae")
 CODES_SHOWN = 5000
 HISTOGRAM_DIMS = 16
 
@@ -136,8 +135,8 @@ def write_adversarial_pictures(
     state: Any,
     test_loader: DeviceLoader,
 ) -> list[Path]:
-    """The pictures above for gan, dcgan and aae runs (nothing for other kinds); returns the paths written."""
-    if config.model not in ADVERSARIAL_KINDS:
+    """The pictures above for adversarial models (nothing for other kinds); returns the paths written."""
+    if not model.adversarial:
         return []
     model.eval()
     out = Path(run_dir) / "plots"
@@ -148,10 +147,10 @@ def write_adversarial_pictures(
         keys = [k for k in ("d_loss", "g_loss", "recon") if any(k in p for p in points)]
         written.append(plots.series(out / "adversarial_losses.png", points, keys, f"{title}: losses", "loss"))
         ylabel = "mean D output (probability of real)"
-        what = "D(prior sample) against D(encoder code)" if config.model == "aae" else "D(x) against D(G(z))"
+        what = "D(prior sample) against D(encoder code)" if model.can_encode else "D(x) against D(G(z))"
         written.append(plots.series(out / "discriminator_outputs.png", points, ["d_real", "d_fake"],
                                     f"{title}: {what}", ylabel))
-    if config.model == "aae":
+    if model.can_encode:  # the adversarial autoencoder: its codes against the prior it matches
         codes, labels = test_codes(model, test_loader)
         how = "2-D latent" if codes.shape[1] == 2 else f"first 2 of {codes.shape[1]} latent dims"
         written.append(latent_prior_picture(

@@ -29,12 +29,12 @@ from training.checkpoint import (
 from training.config import TrainConfig
 from training.data.loader import DeviceLoader, fixed_test_loader
 from training.data.types import ImageDataset
-from training.models import GenerativeModel, StepContext, build_model
+from training.models import GenerativeModel, StepContext, build_model, model_class
 
 log = logging.getLogger("genserve.train")
 
-BINARIZED_BY_DEFAULT = ("mnist", "mnist-5k")  # MNIST digits are near-binary; published NLLs binarise them
 EVAL_BATCH = 500
+WARMUP_FRACTION = 0.02  # of all steps: the cosine schedule's linear warm-up
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,11 +62,18 @@ def git_commit() -> str | None:
 def resolve_binarize(config: TrainConfig) -> bool:
     if config.binarize is not None:
         return config.binarize
-    return (
-        config.dataset in BINARIZED_BY_DEFAULT
-        and config.model in ("vae", "dense-vae")
-        and config.likelihood == "bernoulli"
-    )
+    return model_class(config.model).binarize_by_default(config)
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """The learning rate's multiplier at `progress` (fraction of all steps done): "constant" is 1;
+    "cosine" rises linearly over WARMUP_FRACTION, then follows half a cosine down to 0 at the end.
+    A function of the step alone, so a resumed run follows the same schedule with no saved state."""
+    if schedule == "constant":
+        return 1.0
+    if progress < WARMUP_FRACTION:
+        return (progress + 1e-3) / WARMUP_FRACTION
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - WARMUP_FRACTION) / (1 - WARMUP_FRACTION))))
 
 
 @dataclass
@@ -75,7 +82,7 @@ class RunState:
 
     epoch: int = 0
     step: int = 0
-    best_test_loss: float = math.inf
+    best_score: float = math.inf  # the best checkpoint's model.selection_metric (lower is better)
     epochs: list[dict[str, Any]] = field(default_factory=list)  # one metrics entry per finished epoch
     steps: list[dict[str, Any]] = field(default_factory=list)  # losses averaged over log_every steps
 
@@ -106,11 +113,13 @@ class Trainer:
             config.model, self.dataset.image_shape, config, self.dataset.num_classes
         ).to(self.device, memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions run faster NHWC
         self.optimizers = self.model.configure_optimizers()
+        self.lr_schedule = config.lr_schedule or self.model.default_lr_schedule
+        self.base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)
         self.augment_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.generators = {"shuffle": self.shuffle_generator, "augment": self.augment_generator}
 
-        noise = config.noise_factor if config.model == "dae" else None
+        noise = config.noise_factor if self.model.noisy_inputs else None
         train_images = self.dataset.train_images.to(self.device)
         train_labels = None if self.dataset.train_labels is None else self.dataset.train_labels.to(self.device)
         self.train_loader = DeviceLoader(
@@ -134,8 +143,11 @@ class Trainer:
         self.state = RunState()
         if existing:
             loaded = restore_checkpoint(existing[-1], self.model, self.optimizers, self.generators)
+            loaded.setdefault("best_score", loaded.get("best_test_loss", math.inf))  # runs before best_score
             self.state = RunState(**{k: loaded[k] for k in RunState.__dataclass_fields__})
             log.info("resuming %s from %s (step %d)", self.run_dir, existing[-1].name, self.state.step)
+        else:
+            self.model.initialize_from_data(self.dataset.train_images.float().mean(0).div(255).to(self.device))
         if config.compile:
             for module in self.model.children():
                 module.compile()
@@ -183,6 +195,23 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def set_learning_rates(self, progress: float) -> None:
+        factor = lr_factor(self.lr_schedule, progress)
+        for name, optimizer in self.optimizers.items():
+            for group, base in zip(optimizer.param_groups, self.base_lrs[name], strict=True):
+                group["lr"] = base * factor
+
+    def selection_score(self, test: dict[str, float]) -> float | None:
+        """The epoch's model.selection_metric, lower is better; None where it cannot be measured
+        (fid_domain on unlabelled data), and then no checkpoint is marked best."""
+        if self.model.selection_metric == "test_loss":
+            return test["loss"]
+        from training.evaluation.sample_quality import default_sample_metrics, sample_quality_metrics
+
+        if "fid_domain" not in default_sample_metrics(self.model, self.dataset):
+            return None
+        return sample_quality_metrics(self.model, self.dataset, self.config, ["fid_domain"])["fid_domain"]
+
     # --- the loop ------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, writer) -> dict[str, float]:
         self.model.train()
@@ -197,7 +226,9 @@ class Trainer:
             file=sys.stderr,
         )
         for batch in bar:
-            ctx = StepContext(self.state.step, self.state.step / max(1, self.total_steps), self.autocast)
+            progress = self.state.step / max(1, self.total_steps)
+            self.set_learning_rates(progress)
+            ctx = StepContext(self.state.step, progress, self.autocast)
             losses = self.model.train_step(batch, self.optimizers, ctx)
             loss = losses["loss"]
             if not torch.isfinite(loss):
@@ -246,12 +277,14 @@ class Trainer:
             if start_epoch == 1:
                 write_epoch_pictures(self.model, self.dataset, self.config, self.run_dir, 0, writer)
             for epoch in range(start_epoch, self.config.epochs + 1):
+                # train one epoch, then measure it on the test set
                 started = time.perf_counter()
                 train = self.train_epoch(epoch, writer)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - started
                 test = self.evaluate()
+                score = self.selection_score(test)
                 entry = {
                     "epoch": epoch,
                     "step": self.state.step,
@@ -262,27 +295,33 @@ class Trainer:
                     **{f"train_{k}": v for k, v in train.items() if k != "loss"},
                     **{f"test_{k}": v for k, v in test.items() if k != "loss"},
                 }
+                if score is not None and self.model.selection_metric != "test_loss":
+                    entry[self.model.selection_metric] = score
                 self.state.epochs.append(entry)
                 self.state.epoch = epoch
-                for key in ("train_loss", "test_loss", "images_per_second"):
-                    writer.add_scalar(f"epoch/{key}", entry[key], epoch)
+                for key in ("train_loss", "test_loss", "images_per_second", self.model.selection_metric):
+                    if key in entry:
+                        writer.add_scalar(f"epoch/{key}", entry[key], epoch)
+                # pictures, the checkpoint (best by the model's selection metric), metrics.json
                 write_epoch_pictures(self.model, self.dataset, self.config, self.run_dir, epoch, writer)
-                is_best = test["loss"] < self.state.best_test_loss
+                is_best = score is not None and score < self.state.best_score
                 if is_best:
-                    self.state.best_test_loss = test["loss"]
+                    self.state.best_score = score
                 save_checkpoint(
                     self.run_dir,
                     self.model,
                     self.optimizers,
                     self.generators,
-                    {**self.state.__dict__, "config": self.config.to_dict()},
+                    {**self.state.__dict__, "config": self.config.to_dict(),
+                     "selection_metric": self.model.selection_metric},
                     is_best=is_best,
                 )
                 self.write_metrics()
                 log.info(
-                    "epoch %d/%d  train_loss %.4f  test_loss %.4f  %.1fs  %.0f img/s",
-                    epoch, self.config.epochs, entry["train_loss"], entry["test_loss"], seconds,
-                    entry["images_per_second"],
+                    "epoch %d/%d  train_loss %.4f  test_loss %.4f%s  %.1fs  %.0f img/s",
+                    epoch, self.config.epochs, entry["train_loss"], entry["test_loss"],
+                    f"  {self.model.selection_metric} {score:.2f}" if score is not None and "fid" in self.model.selection_metric else "",
+                    seconds, entry["images_per_second"],
                 )
             final = final_metrics(self.model, self.dataset, self.config, self.test_loader)
             self.write_metrics(final)

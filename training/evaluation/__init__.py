@@ -12,9 +12,6 @@ from training.data.types import ImageDataset
 from training.evaluation.reconstruction import per_image_mse, psnr_db
 from training.models import GenerativeModel
 
-VAE_KINDS = ("vae", "dense-vae")
-ADVERSARIAL_KINDS = ("gan", "dcgan", "aae")
-
 
 @torch.no_grad()
 def vae_likelihood_metrics(model: GenerativeModel, config: TrainConfig, test_loader: DeviceLoader) -> dict[str, Any]:
@@ -60,19 +57,19 @@ def reconstruction_metrics(model: GenerativeModel, test_loader: DeviceLoader, no
 def final_metrics(
     model: GenerativeModel, dataset: ImageDataset, config: TrainConfig, test_loader: DeviceLoader
 ) -> dict[str, Any]:
+    """The metric families the model declares (model.metric_families), in that order."""
     metrics: dict[str, Any] = {}
-    if config.model in VAE_KINDS:
+    families = model.metric_families
+    if "likelihood" in families:
         metrics.update(vae_likelihood_metrics(model, config, test_loader))
-    if config.model in ("ae", "dae"):
-        metrics.update(reconstruction_metrics(model, test_loader, noisy=config.model == "dae"))
-        if config.model == "dae":
+    if "reconstruction" in families:
+        metrics.update(reconstruction_metrics(model, test_loader, noisy=model.noisy_inputs))
+        if model.noisy_inputs:
             metrics["noise_factor"] = config.noise_factor
-    if config.model in ADVERSARIAL_KINDS:
+    if "samples" in families:
         # Sample quality (see sample_quality.py): fid_domain, class_coverage, parzen_ll_nats where they
         # apply; fid_inception on CUDA only (genserve-eval computes any of them later, for any sampler).
         from training.evaluation.sample_quality import default_sample_metrics, sample_quality_metrics
 
-        if config.model == "aae":
-            metrics.update(reconstruction_metrics(model, test_loader, noisy=False))
         metrics.update(sample_quality_metrics(model, dataset, config, default_sample_metrics(model, dataset)))
     return metrics

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from training.checkpoint import CHECKPOINT_CHOICES
 from training.evaluation.sample_quality import SAMPLE_METRICS
 
 RUN_METRICS = ("likelihood", "reconstruction")  # the training issue's: VAE ELBO/NLL; MSE/PSNR
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help=f"comma-separated, from: {', '.join(METRICS)}")
     p.add_argument("--fid-samples", type=int, help="generated samples for sample metrics (default: the run's)")
     p.add_argument("--data-dir", help="dataset folder (default: the run's, else $GENSERVE_DATA, else ./data)")
-    p.add_argument("--checkpoint", choices=("last", "best"), default="last", help="which checkpoint (default last)")
+    p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="auto",
+                   help="which checkpoint: auto (default: the best by sample quality where the run measured it, else the last)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: CUDA when present")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -73,7 +75,7 @@ def evaluate_run(
     metrics: list[str] | None = None,
     fid_samples: int | None = None,
     data_dir: str | None = None,
-    checkpoint: str = "last",
+    checkpoint: str = "auto",
     device: str = "auto",
 ) -> dict[str, Any]:
     """Compute `metrics` (None: the kind's training-time set) for a run; merge them into metrics.json."""
@@ -102,7 +104,7 @@ def evaluate_run(
     test_labels = None if dataset.test_labels is None else dataset.test_labels.to(model.device)
     test_loader = fixed_test_loader(
         test_images, test_labels, EVAL_BATCH, binarize=bool(config.binarize),
-        noise_factor=config.noise_factor if config.model == "dae" else None,
+        noise_factor=config.noise_factor if model.noisy_inputs else None,
     )
     torch.manual_seed(config.seed)  # the VAE NLL estimate draws from the global RNG
 
@@ -111,13 +113,13 @@ def evaluate_run(
     else:
         results = {}
         if "likelihood" in metrics:
-            if config.model not in ("vae", "dense-vae"):
+            if "likelihood" not in model.metric_families:
                 raise ValueError(f"'likelihood' is for VAEs; {run_dir} holds a {config.model}")
             results.update(vae_likelihood_metrics(model, config, test_loader))
         if "reconstruction" in metrics:
             if not model.can_reconstruct:
                 raise ValueError(f"'reconstruction' needs a model that reconstructs; {config.model} does not")
-            results.update(reconstruction_metrics(model, test_loader, noisy=config.model == "dae"))
+            results.update(reconstruction_metrics(model, test_loader, noisy=model.noisy_inputs))
         wanted = [m for m in metrics if m in SAMPLE_METRICS]
         if wanted:
             if not model.can_sample:

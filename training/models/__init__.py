@@ -1,28 +1,49 @@
-"""Model kinds by name. Each module holds one family, reading top to bottom."""
+"""Model kinds by name: the default recipe of each kind and the named presets (the seeds' published
+layer plans). Each module holds one family, reading top to bottom; every list of kinds is derived from
+`model_classes()`, and what a kind can do is declared on its class (see base.py)."""
 
 from __future__ import annotations
+
+from functools import cache
 
 from training.config import TrainConfig
 from training.models.base import Batch, GenerativeModel, StepContext
 
-__all__ = ["Batch", "GenerativeModel", "StepContext", "build_model", "model_class"]
+__all__ = ["Batch", "GenerativeModel", "StepContext", "build_model", "model_class", "model_classes", "model_kinds"]
+
+
+@cache
+def model_classes() -> dict[str, type[GenerativeModel]]:
+    """Every model kind by name: the defaults first, each followed by its presets."""
+    # Imported here so that importing training.models does not import every family.
+    from training.models.aae import AdversarialAutoencoder
+    from training.models.autoencoder import (
+        ConvAutoencoder,
+        DenoisingAutoencoder,
+        KerasConvAutoencoder,
+        KerasDenoisingAutoencoder,
+    )
+    from training.models.dcgan import DCGAN, ClassicDCGAN
+    from training.models.gan import MLPGAN, BalancedMLPGAN
+    from training.models.vae import ConvVAE, CsnlDenseVAE, DenseVAE, KerasConvVAE
+
+    classes = [
+        ConvVAE, KerasConvVAE, DenseVAE, CsnlDenseVAE, ConvAutoencoder, KerasConvAutoencoder,
+        DenoisingAutoencoder, KerasDenoisingAutoencoder, MLPGAN, BalancedMLPGAN, DCGAN, ClassicDCGAN,
+        AdversarialAutoencoder,
+    ]
+    return {cls.kind: cls for cls in classes}
+
+
+def model_kinds(presets: bool = True) -> tuple[str, ...]:
+    """The kind names; with presets=False only the default recipes."""
+    return tuple(kind for kind, cls in model_classes().items() if presets or cls.preset_of is None)
 
 
 def model_class(kind: str) -> type[GenerativeModel]:
-    # Imported here so that importing one family does not import all of them.
-    from training.models.adversarial import ADVERSARIAL_MODELS
-    from training.models.autoencoder import ConvAutoencoder, DenoisingAutoencoder
-    from training.models.vae import ConvVAE, DenseVAE
-
-    classes: dict[str, type[GenerativeModel]] = {
-        "vae": ConvVAE,
-        "dense-vae": DenseVAE,
-        "ae": ConvAutoencoder,
-        "dae": DenoisingAutoencoder,
-    }
-    classes.update(ADVERSARIAL_MODELS)
+    classes = model_classes()
     if kind not in classes:
-        raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(sorted(classes))}")
+        raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(classes)}")
     return classes[kind]
 
 

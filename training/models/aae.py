@@ -29,23 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import TrainConfig
-from training.models.base import Batch, GenerativeModel, StepContext
+from training.models.base import Batch, GenerativeModel, SigmoidOutput, StepContext
 from training.models.gan import bce
 from training.models.priors import Prior, build_prior
 
 HIDDEN = 1000
 EVAL_PRIOR_SEED = 4321
-
-
-class ImageDecoder(nn.Module):
-    """Decoder logits followed by a sigmoid: codes -> images in [0, 1] (the served decoder)."""
-
-    def __init__(self, decoder: nn.Module):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decoder(latents))
 
 
 def mlp(sizes: list[int]) -> list[nn.Module]:
@@ -59,13 +48,19 @@ def mlp(sizes: list[int]) -> list[nn.Module]:
 
 
 class AdversarialAutoencoder(GenerativeModel):
+    """Adversarial autoencoder (Makhzani et al. 2015): 1000-1000 MLPs, a latent matched to a std-5 Gaussian prior."""
+
     kind = "aae"
     default_lr = 2e-4
     default_beta1 = 0.5
     default_latent_dim = 8
+    default_lr_schedule = "constant"
     can_encode = True
     can_sample = True
     can_reconstruct = True
+    adversarial = True
+    selection_metric = "fid_domain"
+    metric_families = ("reconstruction", "samples")
 
     def __init__(self, image_shape: tuple[int, int, int], config: TrainConfig, num_classes: int = 0):
         super().__init__(image_shape, config, num_classes)
@@ -81,16 +76,10 @@ class AdversarialAutoencoder(GenerativeModel):
         self.discriminator = nn.Sequential(*mlp([self.latent_dim + label_dim, HIDDEN, HIDDEN, 1]))
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        lr = self.config.lr or self.default_lr
-        beta1 = self.config.adam_beta1 if self.config.adam_beta1 is not None else self.default_beta1
-
-        def adam(parameters) -> torch.optim.Optimizer:
-            return torch.optim.Adam(parameters, lr=lr, betas=(beta1, 0.999))
-
         return {
-            "autoencoder": adam([*self.encoder.parameters(), *self.decoder.parameters()]),
-            "discriminator": adam(self.discriminator.parameters()),
-            "encoder": adam(self.encoder.parameters()),
+            "autoencoder": self.adam([*self.encoder.parameters(), *self.decoder.parameters()]),
+            "discriminator": self.adam(self.discriminator.parameters()),
+            "encoder": self.adam(self.encoder.parameters()),
         }
 
     # --- the model --------------------------------------------------------------------------
@@ -189,4 +178,4 @@ class AdversarialAutoencoder(GenerativeModel):
 
     def servable_parts(self) -> dict[str, nn.Module]:
         """encoder: images -> codes (B, latent_dim); decoder: codes -> images in [0, 1]."""
-        return {"encoder": self.encoder, "decoder": ImageDecoder(self.decoder)}
+        return {"encoder": self.encoder, "decoder": SigmoidOutput(self.decoder)}

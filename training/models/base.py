@@ -40,13 +40,35 @@ class StepContext:
     autocast: Callable[[], object]  # context manager factory: bf16 autocast on CUDA, a no-op elsewhere
 
 
+class SigmoidOutput(nn.Module):
+    """A logits network followed by a sigmoid: the served form of every Bernoulli decoder."""
+
+    def __init__(self, logits: nn.Module):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
 class GenerativeModel(nn.Module):
     """Base class. Subclasses set `kind`, build their parts in __init__ from (image_shape, config)."""
 
     kind: ClassVar[str]
+    preset_of: ClassVar[str | None] = None  # a named preset (a seed's published recipe) of this default kind
     default_lr: ClassVar[float] = 1e-3
     default_beta1: ClassVar[float] = 0.9
     default_latent_dim: ClassVar[int] = 16
+    # "cosine": linear warm-up over the first WARMUP_FRACTION of steps, then cosine decay to 0; "constant".
+    default_lr_schedule: ClassVar[str] = "cosine"
+    # What the trainer and the evaluation read instead of lists of kind names:
+    noisy_inputs: ClassVar[bool] = False  # the loader feeds noisy inputs against clean targets (the denoiser)
+    adversarial: ClassVar[bool] = False  # two players: the adversarial pictures (both players' losses)
+    # Which checkpoint is "best": "test_loss" (lowest test loss) or "fid_domain" (lowest FID of samples,
+    # measured at the end of every epoch where the dataset has labels; see training/evaluation/).
+    selection_metric: ClassVar[str] = "test_loss"
+    # Families of final metrics (training/evaluation/__init__.py): "likelihood", "reconstruction", "samples".
+    metric_families: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, image_shape: tuple[int, int, int], config: TrainConfig, num_classes: int = 0):
         super().__init__()
@@ -55,12 +77,30 @@ class GenerativeModel(nn.Module):
         self.num_classes = num_classes
         self.latent_dim = config.latent_dim or self.default_latent_dim
 
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the class docstring: one line for `genserve-train --help` and the README."""
+        return (cls.__doc__ or cls.kind).strip().splitlines()[0]
+
+    @classmethod
+    def binarize_by_default(cls, config: TrainConfig) -> bool:
+        """Whether training images are dynamically binarised when config.binarize is not set."""
+        return False
+
+    def initialize_from_data(self, mean_image: torch.Tensor) -> None:
+        """Called once before a fresh run with the training set's mean image (C, H, W) in [0, 1];
+        e.g. a Bernoulli decoder starts its output bias at the mean logit. Default: nothing."""
+
     # --- training ---------------------------------------------------------------------------
+    def adam(self, parameters, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+        """Adam at config.lr (else the kind's default_lr) times lr_scale, betas (config.adam_beta1, 0.999)."""
+        lr = (self.config.lr or self.default_lr) * lr_scale
+        beta1 = self.config.adam_beta1 if self.config.adam_beta1 is not None else self.default_beta1
+        return torch.optim.Adam(parameters, lr=lr, betas=(beta1, 0.999))
+
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Named optimizers; their state is checkpointed under these names. Default: one Adam."""
-        lr = self.config.lr or self.default_lr
-        beta1 = self.config.adam_beta1 if self.config.adam_beta1 is not None else self.default_beta1
-        return {"model": torch.optim.Adam(self.parameters(), lr=lr, betas=(beta1, 0.999))}
+        return {"model": self.adam(self.parameters())}
 
     def train_step(
         self, batch: Batch, optimizers: dict[str, torch.optim.Optimizer], ctx: StepContext

@@ -1,4 +1,5 @@
-"""DCGAN (Radford et al. 2015), laid out as in pytorch/examples dcgan/main.py.
+"""DCGAN (Radford et al. 2015), laid out as in pytorch/examples dcgan/main.py: the default recipe with
+a spectrally normalised discriminator, and the classic one as a preset.
 
 The rules: strided convolutions instead of pooling in D; transposed convolutions to upsample in G
 (or, with config.upsample == "resize", nearest-neighbour resize then a 3x3 convolution, which has no
@@ -10,9 +11,15 @@ stay even and at least 4 (7x7 for 28 px, 4x4 for 32 and 64 px), then doubles up 
 layer per doubling; channels start at 64 * 2^(doublings - 1) and halve each time. D mirrors it with
 one stride-2 convolution per halving and a final convolution over the whole 7x7 or 4x4 map.
 config.balance (see gan.py) skips the update of a player that is far ahead.
+
+The default `dcgan` keeps G as above and replaces batch norm in D by spectral normalisation of every
+layer (SN-DCGAN, Miyato et al. 2018), lets D learn at twice G's rate, and samples from an exponential
+moving average of G's weights (gan.py). The preset `dcgan-classic` is the plain recipe above.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from torch import nn
 
@@ -60,36 +67,56 @@ def init_weights(module: nn.Module) -> None:
 
 
 class DCGAN(GAN):
+    """The default DCGAN: transposed-conv G with batch norm, spectrally normalised conv D, EMA of G."""
+
     kind = "dcgan"
+    discriminator_norm: ClassVar[bool] = False  # batch norm in D's hidden layers (spectral norm replaces it)
 
     def __init__(self, image_shape: tuple[int, int, int], config: TrainConfig, num_classes: int = 0):
+        c, h, w = image_shape
+        self.start_h, self.start_w, doublings = layer_plan(h, w)
+        self.channels = [BASE_CHANNELS * 2**i for i in reversed(range(doublings))]  # e.g. 512, 256, 128, 64
         super().__init__(image_shape, config, num_classes)
-        c, h, w = self.image_shape
-        start_h, start_w, doublings = layer_plan(h, w)
-        channels = [BASE_CHANNELS * 2**i for i in reversed(range(doublings))]  # e.g. 512, 256, 128, 64
 
-        # G: noise (as a 1x1 map) -> start_h x start_w -> ... -> H x W
+    def build_generator(self) -> nn.Module:
+        """noise (as a 1x1 map) -> start_h x start_w -> ... -> H x W"""
+        c = self.image_shape[0]
+        channels, mode = self.channels, self.config.upsample
         layers: list[nn.Module] = [
             nn.Unflatten(1, (self.latent_dim, 1, 1)),
-            nn.ConvTranspose2d(self.latent_dim, channels[0], (start_h, start_w), 1, 0, bias=False),
+            nn.ConvTranspose2d(self.latent_dim, channels[0], (self.start_h, self.start_w), 1, 0, bias=False),
             nn.BatchNorm2d(channels[0]),
             nn.ReLU(True),
         ]
         for in_channels, out_channels in zip(channels, channels[1:], strict=False):
-            layers += [upsample(in_channels, out_channels, config.upsample), nn.BatchNorm2d(out_channels), nn.ReLU(True)]
-        layers += [upsample(channels[-1], c, config.upsample), nn.Tanh()]
-        self.generator = nn.Sequential(*layers)
+            layers += [upsample(in_channels, out_channels, mode), nn.BatchNorm2d(out_channels), nn.ReLU(True)]
+        layers += [upsample(channels[-1], c, mode), nn.Tanh()]
+        generator = nn.Sequential(*layers)
+        generator.apply(init_weights)
+        return generator
 
-        # D: H x W -> ... -> start_h x start_w -> one logit
-        reversed_channels = channels[::-1]  # e.g. 64, 128, 256, 512
-        layers = [nn.Conv2d(c, reversed_channels[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
-        for in_channels, out_channels in zip(reversed_channels, reversed_channels[1:], strict=False):
-            layers += [
-                nn.Conv2d(in_channels, out_channels, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(out_channels),
-                nn.LeakyReLU(0.2, inplace=True),
-            ]
-        layers += [nn.Conv2d(reversed_channels[-1], 1, (start_h, start_w), 1, 0, bias=False), nn.Flatten()]
-        self.discriminator = nn.Sequential(*layers)
+    def build_discriminator(self) -> nn.Module:
+        """H x W -> ... -> start_h x start_w -> one logit"""
+        c = self.image_shape[0]
+        channels = self.channels[::-1]  # e.g. 64, 128, 256, 512
+        layers: list[nn.Module] = [nn.Conv2d(c, channels[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
+        for in_channels, out_channels in zip(channels, channels[1:], strict=False):
+            layers.append(nn.Conv2d(in_channels, out_channels, 4, 2, 1, bias=False))
+            if self.discriminator_norm:
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+        layers += [nn.Conv2d(channels[-1], 1, (self.start_h, self.start_w), 1, 0, bias=False), nn.Flatten()]
+        discriminator = nn.Sequential(*layers)
+        discriminator.apply(init_weights)
+        return discriminator
 
-        self.apply(init_weights)
+
+class ClassicDCGAN(DCGAN):
+    """Preset: the classic DCGAN (pytorch/examples, the TF tutorial): batch norm in D, one learning rate, no EMA."""
+
+    kind = "dcgan-classic"
+    preset_of = "dcgan"
+    discriminator_norm = True
+    spectral_norm = False
+    d_lr_scale = 1.0
+    ema_decay = None

@@ -1,11 +1,17 @@
-"""Generative adversarial networks: the shared two-player step, and the classic fully connected GAN.
+"""Generative adversarial networks: the shared two-player step, and the fully connected GANs.
 
 `GAN` holds what every GAN kind shares (dcgan.py subclasses it): a generator G from noise to images
 in [-1, 1] (tanh), a discriminator D from images in [-1, 1] to one logit, two Adam optimizers, and
 one training step that updates D, then G, as in pytorch/examples dcgan/main.py:
 
-    (1) D: maximise log D(x) + log(1 - D(G(z)))   binary cross-entropy, real = 1, fake = 0
+    (1) D: maximise log D(x) + log(1 - D(G(z)))   binary cross-entropy, real = real_label, fake = 0
     (2) G: maximise log D(G(z))                    the non-saturating loss: BCE of D(G(z)) against 1
+
+The default recipes add what the literature found to stabilise that game (each a class attribute):
+spectral normalisation of D's layers (Miyato et al. 2018), two time-scale learning rates (D at
+d_lr_scale times G's; Heusel et al. 2017), one-sided label smoothing (real_label < 1; Salimans et al.
+2016), and an exponential moving average of G's weights (ema_decay; Yazici et al. 2019), which is the
+generator that samples, is measured, and is exported. The presets keep the seeds' plain recipes.
 
 Batches hold images in [0, 1]; they are mapped to [-1, 1] for D. decode() and sample() map G's tanh
 output back to [0, 1]. The noise z ~ N(0, I) of config.noise_dim is the model's latent.
@@ -16,17 +22,20 @@ Losses per step (and per test batch, without updates):
     d_real  mean D(x), d_fake  mean D(G(z)) (both before D's update), probabilities in [0, 1]
     loss    d_loss + g_loss: not a quantity either player minimises, but finite exactly when both
             losses are, so the trainer's NaN guard watches both players through it.
-With config.balance, a player whose loss is less than half the other's skips its update this step
-(d_skipped / g_skipped are 1 when it did).
+With balance (config.balance, else the kind's default_balance), a player whose loss is less than half
+the other's skips its update this step (d_skipped / g_skipped are 1 when it did).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 from training.config import TrainConfig
 from training.models.base import Batch, GenerativeModel, StepContext
@@ -52,14 +61,25 @@ def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
 
 
 class GAN(GenerativeModel):
-    """Shared GAN logic. Subclasses set `self.generator` (noise (B, noise_dim) -> images in [-1, 1])
-    and `self.discriminator` (images in [-1, 1] -> logits (B, 1))."""
+    """Shared GAN logic. Subclasses build `generator` (noise (B, noise_dim) -> images in [-1, 1]) and
+    `discriminator` (images in [-1, 1] -> logits (B, 1)) in build_generator / build_discriminator."""
 
     generator: nn.Module
     discriminator: nn.Module
+    generator_ema: nn.Module | None
     default_lr = 2e-4
     default_beta1 = 0.5
+    default_lr_schedule = "constant"
     can_sample = True
+    adversarial = True
+    selection_metric = "fid_domain"
+    metric_families = ("samples",)
+    # The recipe (the defaults; presets switch these off):
+    spectral_norm: ClassVar[bool] = True  # spectral normalisation of every D layer with weights
+    d_lr_scale: ClassVar[float] = 2.0  # D's learning rate over G's (two time-scale update rule)
+    real_label: ClassVar[float] = 1.0  # target for real images in D's loss (< 1: one-sided smoothing)
+    ema_decay: ClassVar[float | None] = 0.999  # EMA of G's weights, the generator that samples; None: off
+    default_balance: ClassVar[bool] = False
 
     def __init__(self, image_shape: tuple[int, int, int], config: TrainConfig, num_classes: int = 0):
         super().__init__(image_shape, config, num_classes)
@@ -71,14 +91,51 @@ class GAN(GenerativeModel):
                 f"(--noise-dim), not latent_dim ({config.latent_dim})"
             )
         self.latent_dim = config.noise_dim
+        self.balance = config.balance if config.balance is not None else self.default_balance
+        self.generator = self.build_generator()
+        self.discriminator = self.build_discriminator()
+        if self.spectral_norm:
+            for module in list(self.discriminator.modules()):
+                if isinstance(module, nn.Linear | nn.Conv2d):
+                    spectral_norm(module)
+        # The averaged generator is a frozen copy, updated after every G step; it is checkpointed with
+        # the model, and it is what sample(), the metrics and the exported graph use.
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if self.ema_decay else None
+
+    def build_generator(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_discriminator(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> GAN:
+        super().train(mode)
+        if self.generator_ema is not None:
+            self.generator_ema.eval()  # batch norm in the averaged G always uses its copied statistics
+        return self
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        lr = self.config.lr or self.default_lr
-        beta1 = self.config.adam_beta1 if self.config.adam_beta1 is not None else self.default_beta1
         return {
-            "generator": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=(beta1, 0.999)),
-            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=(beta1, 0.999)),
+            "generator": self.adam(self.generator.parameters()),
+            "discriminator": self.adam(self.discriminator.parameters(), lr_scale=self.d_lr_scale),
         }
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """ema <- decay * ema + (1 - decay) * G, with the decay ramped up over the first steps (so the
+        average does not remember the random start); buffers (batch-norm statistics) are copied."""
+        if self.generator_ema is None:
+            return
+        decay = min(self.ema_decay, (1 + step) / (10 + step))
+        for averaged, live in zip(self.generator_ema.parameters(), self.generator.parameters(), strict=True):
+            averaged.lerp_(live.detach(), 1 - decay)
+        for averaged, live in zip(self.generator_ema.buffers(), self.generator.buffers(), strict=True):
+            averaged.copy_(live)
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator that samples: the weight average when there is one."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.prior_sample(n, generator)
@@ -95,7 +152,7 @@ class GAN(GenerativeModel):
             fake = self.generator(noise)
             real_logits = self.discriminator(real)
             fake_logits = self.discriminator(fake.detach())
-        d_loss = bce(real_logits, 1.0) + bce(fake_logits, 0.0)
+        d_loss = bce(real_logits, self.real_label) + bce(fake_logits, 0.0)
         g_loss_before = bce(fake_logits.detach(), 1.0)  # G's loss against the current D, for balance
         update_d, update_g = self.players_to_update(d_loss.detach(), g_loss_before)
         if update_d:
@@ -111,19 +168,20 @@ class GAN(GenerativeModel):
             optimizers["generator"].zero_grad(set_to_none=True)
             g_loss.backward()
             optimizers["generator"].step()
+            self.update_ema(ctx.step)
         else:
             g_loss = g_loss_before
 
         losses = self.report(d_loss, g_loss, real_logits, fake_logits)
-        if self.config.balance:
+        if self.balance:
             device = d_loss.device
             losses["d_skipped"] = torch.tensor(float(not update_d), device=device)
             losses["g_skipped"] = torch.tensor(float(not update_g), device=device)
         return losses
 
     def players_to_update(self, d_loss: torch.Tensor, g_loss: torch.Tensor) -> tuple[bool, bool]:
-        """(update D, update G): both, unless config.balance and one player's loss is under half the other's."""
-        if not self.config.balance:
+        """(update D, update G): both, unless balancing and one player's loss is under half the other's."""
+        if not self.balance:
             return True, True
         d, g = d_loss.item(), g_loss.item()
         return not d < 0.5 * g, not g < 0.5 * d
@@ -153,47 +211,60 @@ class GAN(GenerativeModel):
 
     # --- capabilities -----------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Noise -> images in [0, 1]."""
-        return (self.generator(latents) + 1) / 2
+        """Noise -> images in [0, 1], from the averaged generator where there is one."""
+        return (self.sampler(latents) + 1) / 2
 
     def servable_parts(self) -> dict[str, nn.Module]:
-        """generator: noise (B, noise_dim) -> images in [0, 1]."""
-        return {"generator": ImageGenerator(self.generator)}
+        """generator: noise (B, noise_dim) -> images in [0, 1] (the averaged generator where there is one)."""
+        return {"generator": ImageGenerator(self.sampler)}
 
 
-class FullyConnectedGAN(GAN):
-    """The classic GAN with fully connected players (as in Goodfellow et al. 2014's MNIST setup).
+class MLPGAN(GAN):
+    """The default fully connected GAN: batch-normed MLP G, spectrally normalised MLP D, EMA of G.
 
-    G: noise 100 -> 256 -> 512 -> 1024 -> C*H*W, LeakyReLU 0.2, tanh output.
-    D: C*H*W -> 1024 -> 512 -> 256 -> 1, LeakyReLU 0.2 and dropout 0.3 after each hidden layer.
+    G: noise 100 -> 256 -> 512 -> 1024 -> C*H*W, batch norm and LeakyReLU 0.2 after each hidden layer, tanh.
+    D: C*H*W -> 1024 -> 512 -> 256 -> 1, LeakyReLU 0.2 and dropout 0.3 after each hidden layer,
+    spectral norm on every layer; D learns at twice G's rate; real labels smoothed to 0.9.
     """
 
     kind = "gan"
+    real_label = 0.9
+    hidden: ClassVar[tuple[int, ...]] = (256, 512, 1024)
+    generator_norm: ClassVar[bool] = True
 
-    def __init__(self, image_shape: tuple[int, int, int], config: TrainConfig, num_classes: int = 0):
-        super().__init__(image_shape, config, num_classes)
+    def build_generator(self) -> nn.Module:
         pixels = math.prod(self.image_shape)
-        self.generator = nn.Sequential(
-            nn.Linear(self.latent_dim, 256),
-            nn.LeakyReLU(0.2),
-            nn.Linear(256, 512),
-            nn.LeakyReLU(0.2),
-            nn.Linear(512, 1024),
-            nn.LeakyReLU(0.2),
-            nn.Linear(1024, pixels),
-            nn.Tanh(),
-            nn.Unflatten(1, self.image_shape),
-        )
-        self.discriminator = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(pixels, 1024),
-            nn.LeakyReLU(0.2),
-            nn.Dropout(0.3),
-            nn.Linear(1024, 512),
-            nn.LeakyReLU(0.2),
-            nn.Dropout(0.3),
-            nn.Linear(512, 256),
-            nn.LeakyReLU(0.2),
-            nn.Dropout(0.3),
-            nn.Linear(256, 1),
-        )
+        layers: list[nn.Module] = []
+        sizes = [self.latent_dim, *self.hidden]
+        for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+            layers.append(nn.Linear(a, b))
+            if self.generator_norm and i > 0:  # not on the first layer, as in DCGAN's rules
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(nn.LeakyReLU(0.2))
+        return nn.Sequential(*layers, nn.Linear(sizes[-1], pixels), nn.Tanh(), nn.Unflatten(1, self.image_shape))
+
+    def build_discriminator(self) -> nn.Module:
+        pixels = math.prod(self.image_shape)
+        layers: list[nn.Module] = [nn.Flatten()]
+        sizes = [pixels, *reversed(self.hidden)]
+        for a, b in zip(sizes, sizes[1:], strict=False):
+            layers += [nn.Linear(a, b), nn.LeakyReLU(0.2), nn.Dropout(0.3)]
+        return nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
+
+
+class BalancedMLPGAN(MLPGAN):
+    """Preset: the classic MLP GAN (Goodfellow et al. 2014's MNIST setup) with the D/G balance rule.
+
+    G: noise 100 -> 256 -> 512 -> 1024 -> C*H*W, LeakyReLU 0.2, tanh output.
+    D: C*H*W -> 1024 -> 512 -> 256 -> 1, LeakyReLU 0.2 and dropout 0.3 after each hidden layer.
+    One learning rate, hard labels, no spectral norm, no weight average; balance on.
+    """
+
+    kind = "gan-balanced"
+    preset_of = "gan"
+    spectral_norm = False
+    d_lr_scale = 1.0
+    real_label = 1.0
+    ema_decay = None
+    default_balance = True
+    generator_norm = False
