@@ -3,7 +3,7 @@
 #
 #   scripts/bootstrap-models.sh REPOSITORY RUNS_DIR
 #
-# Trains RUNS_DIR/vae (conv VAE, 2-D latent) and RUNS_DIR/dae (denoiser), then exports them with
+# Trains RUNS_DIR/vae (the default conv VAE) and RUNS_DIR/dae (denoiser), then exports them with
 # genserve-export as the next version of mnist-vae and mnist-dae (an atomic publish: a server
 # polling REPOSITORY loads the new version before it takes traffic). Used by scripts/demo.sh, by
 # the server container on an empty repository (scripts/entrypoint-server.sh) and by the trainer
@@ -49,7 +49,7 @@ say() { echo "==> [bootstrap] $*" >&2; }
 mkdir -p "$repository" "$runs"
 for kind in $models; do
     case $kind in
-        vae) extra=(--latent-dim 2 --nll-k "${GENSERVE_NLL_K:-50}" --nll-images "${GENSERVE_NLL_IMAGES:-500}") ;;
+        vae) extra=(--nll-k "${GENSERVE_NLL_K:-50}" --nll-images "${GENSERVE_NLL_IMAGES:-500}") ;;
         dae) extra=() ;;
         *) echo "$0: GENSERVE_MODELS may name vae and dae, not $kind" >&2; exit 2 ;;
     esac

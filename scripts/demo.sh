@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job (`make demo`): on a fresh clone, end to end on the embedded mnist-5k digits:
-#   1. train a conv VAE (2-D latent) and a denoiser, pictures in DEMO_DIR/{vae,dae}/plots/
+#   1. train a conv VAE and a denoiser (the default recipes), pictures in DEMO_DIR/{vae,dae}/plots/
 #   2. export them as mnist-vae and mnist-dae into DEMO_DIR/repository
 #   3. serve the repository on 127.0.0.1 (free ports) and wait for grpc health SERVING
 #   4. call it with genserve-client: pictures in DEMO_DIR/client/
@@ -88,7 +88,7 @@ client generate mnist-vae -n 64 --seed 1 -o "$out/samples.png"
 client reconstruct mnist-vae --dataset mnist-5k --split test --limit 16 -o "$out/reconstructions.png"
 client denoise mnist-dae --dataset mnist-5k --split test --limit 16 --noise 0.5 --seed 1 -o "$out/denoised.png"
 client encode mnist-vae --dataset mnist-5k --split test --limit 500 -o "$out/latents.npy" --plot "$out/latents.png"
-client interpolate mnist-vae --dataset mnist-5k --offset 3 --steps 10 --spherical -o "$out/interpolation.png"
+client interpolate mnist-vae --dataset mnist-5k --offset 9 --steps 10 --spherical  # a 3 into a 0 -o "$out/interpolation.png"
 
 step "5/6 metrics (all of them in $out/metrics.txt)"
 python -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \

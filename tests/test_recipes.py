@@ -173,6 +173,8 @@ def test_gan_best_checkpoint_is_chosen_by_sample_quality(tmp_path) -> None:
     assert state["selection_metric"] == "fid_domain" and state["best_score"] == min(fids)
     assert state["epoch"] == 1 + fids.index(min(fids))
     assert find_checkpoint(run, "auto") == best  # export and eval take the best by default
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    assert final["checkpoint"] == "best" and final["checkpoint_epoch"] == state["epoch"]  # what is exported
     model, _, _, path = load_trained_model(run)
     assert path == best and model.generator_ema is not None
 

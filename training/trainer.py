@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from training.checkpoint import (
     epoch_checkpoints,
+    find_checkpoint,
+    read_checkpoint,
     restore_checkpoint,
     save_checkpoint,
     write_json_atomic,
@@ -212,6 +214,16 @@ class Trainer:
             return None
         return sample_quality_metrics(self.model, self.dataset, self.config, ["fid_domain"])["fid_domain"]
 
+    def load_exported_checkpoint(self) -> dict[str, Any]:
+        """Load the weights that `--checkpoint auto` exports when they are not the last epoch's (a GAN's
+        best by fid_domain); returns which checkpoint the final metrics describe."""
+        path = find_checkpoint(self.run_dir, "auto")
+        weights, _, state = read_checkpoint(path)
+        if state["epoch"] != self.state.epoch:
+            self.model.load_state_dict(weights)
+            log.info("final metrics of the best checkpoint (epoch %d by %s)", state["epoch"], self.model.selection_metric)
+        return {"checkpoint": path.name, "checkpoint_epoch": state["epoch"]}
+
     # --- the loop ------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, writer) -> dict[str, float]:
         self.model.train()
@@ -323,7 +335,9 @@ class Trainer:
                     f"  {self.model.selection_metric} {score:.2f}" if score is not None and "fid" in self.model.selection_metric else "",
                     seconds, entry["images_per_second"],
                 )
-            final = final_metrics(self.model, self.dataset, self.config, self.test_loader)
+            # the final metrics and pictures describe what export takes by default (--checkpoint auto)
+            chosen = self.load_exported_checkpoint()
+            final = {**final_metrics(self.model, self.dataset, self.config, self.test_loader), **chosen}
             self.write_metrics(final)
             write_final_pictures(self.model, self.dataset, self.config, self.run_dir, self.state, self.test_loader)
             for key, value in final.items():

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from training.config import TrainConfig
-from training.models.gan import GAN
+from training.models.gan import GAN, MinibatchStdDev
 
 BASE_CHANNELS = 64  # ngf = ndf in pytorch/examples
 MIN_START = 4
@@ -67,21 +66,11 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class MinibatchStdDev(nn.Module):
-    """Appends one feature map: the standard deviation of each feature across the batch, averaged
-    (Karras et al. 2018). D can then see a batch that lacks variety, which counters mode collapse."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        std = x.float().std(dim=0, unbiased=False).mean().to(x.dtype)  # one number for the batch
-        return torch.cat([x, std.expand(x.shape[0], 1, *x.shape[2:])], dim=1)
-
-
 class DCGAN(GAN):
     """The default DCGAN: transposed-conv G with batch norm, spectrally normalised conv D, EMA of G."""
 
     kind = "dcgan"
     discriminator_norm: ClassVar[bool] = False  # batch norm in D's hidden layers (spectral norm replaces it)
-    minibatch_std: ClassVar[bool] = False  # a minibatch standard-deviation feature before D's last layer
 
     def __init__(self, image_shape: tuple[int, int, int], config: TrainConfig, num_classes: int = 0):
         c, h, w = image_shape

@@ -60,6 +60,16 @@ def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
+class MinibatchStdDev(nn.Module):
+    """Appends one feature (a column, or a map for images): the standard deviation of each feature
+    across the batch, averaged (Karras et al. 2018). D can then tell a batch that lacks variety, which
+    counters mode collapse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std = x.float().std(dim=0, unbiased=False).mean().to(x.dtype)  # one number for the batch
+        return torch.cat([x, std.expand(x.shape[0], 1, *x.shape[2:])], dim=1)
+
+
 class GAN(GenerativeModel):
     """Shared GAN logic. Subclasses build `generator` (noise (B, noise_dim) -> images in [-1, 1]) and
     `discriminator` (images in [-1, 1] -> logits (B, 1)) in build_generator / build_discriminator."""
@@ -80,6 +90,7 @@ class GAN(GenerativeModel):
     real_label: ClassVar[float] = 1.0  # target for real images in D's loss (< 1: one-sided smoothing)
     ema_decay: ClassVar[float | None] = 0.999  # EMA of G's weights, the generator that samples; None: off
     default_balance: ClassVar[bool] = False
+    minibatch_std: ClassVar[bool] = False  # a minibatch standard-deviation feature before D's last layer
 
     def __init__(self, image_shape: tuple[int, int, int], config: TrainConfig, num_classes: int = 0):
         super().__init__(image_shape, config, num_classes)
@@ -249,7 +260,9 @@ class MLPGAN(GAN):
         sizes = [pixels, *reversed(self.hidden)]
         for a, b in zip(sizes, sizes[1:], strict=False):
             layers += [nn.Linear(a, b), nn.LeakyReLU(0.2), nn.Dropout(0.3)]
-        return nn.Sequential(*layers, nn.Linear(sizes[-1], 1))
+        if self.minibatch_std:
+            layers.append(MinibatchStdDev())
+        return nn.Sequential(*layers, nn.Linear(sizes[-1] + int(self.minibatch_std), 1))
 
 
 class BalancedMLPGAN(MLPGAN):
