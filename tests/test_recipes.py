@@ -16,6 +16,7 @@ from training.checkpoint import find_checkpoint, load_trained_model, read_checkp
 from training.config import TrainConfig
 from training.data.types import ImageDataset
 from training.models import Batch, StepContext, build_model, model_class, model_classes, model_kinds
+from training.models.gan import MinibatchStdDev
 from training.trainer import Trainer, lr_factor, resolve_binarize
 
 
@@ -69,6 +70,7 @@ def test_presets_build_the_seeds_layer_plans() -> None:
     assert not any("parametrizations" in name for name, _ in gan.discriminator.named_parameters())
     classic = build_model("dcgan-classic", shape, TrainConfig(model="dcgan-classic"))
     assert classic.generator_ema is None and any(isinstance(m, nn.BatchNorm2d) for m in classic.discriminator)
+    assert not any(isinstance(m, MinibatchStdDev) for m in classic.discriminator) and classic.real_label == 1.0
     aae = build_model("aae", shape, TrainConfig(model="aae"), 10)
     assert aae.prior_spec()["std"] == 5.0 and linear_sizes(aae.encoder) == [(784, 1000), (1000, 1000), (1000, 8)]
 
@@ -78,13 +80,43 @@ def test_default_recipes() -> None:
     vae = build_model("vae", shape, TrainConfig())
     assert vae.latent_dim == 32 and vae.default_lr_schedule == "cosine"
     assert any(type(m).__name__ == "ResidualBlock" for m in vae.modules())
-    dcgan = build_model("dcgan", shape, TrainConfig(model="dcgan"))
-    assert dcgan.generator_ema is not None and dcgan.default_lr_schedule == "constant"
-    sn = [name for name, _ in dcgan.discriminator.named_parameters() if "parametrizations" in name]
-    assert len(sn) == sum(isinstance(m, nn.Conv2d) for m in dcgan.discriminator.modules())  # every D layer
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in dcgan.discriminator.modules())
-    optimizers = dcgan.configure_optimizers()
+    gan = build_model("gan", shape, TrainConfig(model="gan"))
+    assert gan.generator_ema is not None and gan.default_lr_schedule == "constant"
+    sn = [name for name, _ in gan.discriminator.named_parameters() if "parametrizations" in name]
+    assert len(sn) == sum(isinstance(m, nn.Linear) for m in gan.discriminator.modules())  # every D layer
+    assert any(isinstance(m, MinibatchStdDev) for m in gan.discriminator)
+    optimizers = gan.configure_optimizers()
     assert optimizers["discriminator"].param_groups[0]["lr"] == 2 * optimizers["generator"].param_groups[0]["lr"]
+    dcgan = build_model("dcgan", shape, TrainConfig(model="dcgan"))
+    assert dcgan.generator_ema is not None and any(isinstance(m, MinibatchStdDev) for m in dcgan.discriminator)
+    assert dcgan.real_label == 0.9
+
+
+def test_minibatch_stddev_feature() -> None:
+    x = torch.tensor([[0.0, 2.0], [2.0, 4.0]])
+    out = MinibatchStdDev()(x)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 2.0, 1.0], [2.0, 4.0, 1.0]]))
+    maps = MinibatchStdDev()(torch.zeros(3, 4, 5, 5))
+    assert maps.shape == (3, 5, 5, 5) and maps[:, -1].abs().sum() == 0  # identical samples: no spread
+
+
+def test_averaged_generator_gets_its_own_batch_norm_statistics() -> None:
+    torch.manual_seed(0)
+    model = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan"))
+    images = torch.rand(8, 1, 28, 28)
+    optimizers = model.configure_optimizers()
+    for step in range(5):
+        model.train_step(Batch(images, images), optimizers, StepContext(step, 0.0, contextlib.nullcontext))
+    norms = [m for m in model.generator_ema.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    rng = torch.get_rng_state()
+    model.end_of_epoch()
+    assert torch.equal(torch.get_rng_state(), rng)  # fixed noise, the training RNG untouched
+    after = [m.running_mean.clone() for m in norms]
+    assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    model.end_of_epoch()  # the same noise: the same statistics
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(after, norms, strict=True))
+    assert not model.generator_ema.training and all(m.momentum == 0.1 for m in norms)
 
 
 def test_binarisation_default_comes_from_the_model() -> None:

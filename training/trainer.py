@@ -292,6 +292,7 @@ class Trainer:
                 # train one epoch, then measure it on the test set
                 started = time.perf_counter()
                 train = self.train_epoch(epoch, writer)
+                self.model.end_of_epoch()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - started

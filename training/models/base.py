@@ -91,6 +91,10 @@ class GenerativeModel(nn.Module):
         """Called once before a fresh run with the training set's mean image (C, H, W) in [0, 1];
         e.g. a Bernoulli decoder starts its output bias at the mean logit. Default: nothing."""
 
+    def end_of_epoch(self) -> None:
+        """Called by the trainer after each epoch's steps, before the epoch is measured and saved
+        (e.g. a GAN recomputes its averaged generator's batch-norm statistics). Default: nothing."""
+
     # --- training ---------------------------------------------------------------------------
     def adam(self, parameters, lr_scale: float = 1.0) -> torch.optim.Optimizer:
         """Adam at config.lr (else the kind's default_lr) times lr_scale, betas (config.adam_beta1, 0.999)."""

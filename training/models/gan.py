@@ -41,6 +41,9 @@ from training.config import TrainConfig
 from training.models.base import Batch, GenerativeModel, StepContext
 
 EVAL_NOISE_SEED = 1234  # test losses use the same noise at every epoch, so they are comparable
+STATISTICS_NOISE_SEED = 4321  # the noise that recomputes the averaged generator's batch-norm statistics
+STATISTICS_BATCHES = 32  # batches of STATISTICS_BATCH noise vectors for those statistics
+STATISTICS_BATCH = 128
 
 
 class ImageGenerator(nn.Module):
@@ -134,14 +137,34 @@ class GAN(GenerativeModel):
     @torch.no_grad()
     def update_ema(self, step: int) -> None:
         """ema <- decay * ema + (1 - decay) * G, with the decay ramped up over the first steps (so the
-        average does not remember the random start); buffers (batch-norm statistics) are copied."""
+        average does not remember the random start). Batch-norm statistics are not averaged: they
+        belong to the live weights, and end_of_epoch() recomputes them for the averaged ones."""
         if self.generator_ema is None:
             return
         decay = min(self.ema_decay, (1 + step) / (10 + step))
         for averaged, live in zip(self.generator_ema.parameters(), self.generator.parameters(), strict=True):
             averaged.lerp_(live.detach(), 1 - decay)
-        for averaged, live in zip(self.generator_ema.buffers(), self.generator.buffers(), strict=True):
-            averaged.copy_(live)
+
+    @torch.no_grad()
+    def end_of_epoch(self) -> None:
+        """Recompute the averaged generator's batch-norm statistics from its own activations (the
+        "standing statistics" of Brock et al. 2019): copied from the live generator they would not
+        match the averaged weights, and its samples would be worse than the live ones. Fixed noise, so
+        the result is the same on every run and the global RNG is untouched."""
+        norms = [m for m in (self.generator_ema or nn.Module()).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        generator = torch.Generator().manual_seed(STATISTICS_NOISE_SEED)
+        self.generator_ema.train()
+        for _ in range(STATISTICS_BATCHES):
+            self.generator_ema(self.noise(STATISTICS_BATCH, generator))
+        self.generator_ema.eval()
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
 
     @property
     def sampler(self) -> nn.Module:
@@ -234,12 +257,14 @@ class MLPGAN(GAN):
     """The default fully connected GAN: batch-normed MLP G, spectrally normalised MLP D, EMA of G.
 
     G: noise 100 -> 256 -> 512 -> 1024 -> C*H*W, batch norm and LeakyReLU 0.2 after each hidden layer, tanh.
-    D: C*H*W -> 1024 -> 512 -> 256 -> 1, LeakyReLU 0.2 and dropout 0.3 after each hidden layer,
-    spectral norm on every layer; D learns at twice G's rate; real labels smoothed to 0.9.
+    D: C*H*W -> 1024 -> 512 -> 256 -> 1, LeakyReLU 0.2 and dropout 0.3 after each hidden layer, a
+    minibatch standard-deviation feature before the last layer, spectral norm on every layer; D learns
+    at twice G's rate; real labels smoothed to 0.9.
     """
 
     kind = "gan"
     real_label = 0.9
+    minibatch_std = True
     hidden: ClassVar[tuple[int, ...]] = (256, 512, 1024)
     generator_norm: ClassVar[bool] = True
 
@@ -281,3 +306,4 @@ class BalancedMLPGAN(MLPGAN):
     ema_decay = None
     default_balance = True
     generator_norm = False
+    minibatch_std = False
