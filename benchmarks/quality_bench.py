@@ -60,11 +60,10 @@ CELLS = [
     Cell("gan-balanced", "gan-balanced", "mnist", 5, "presets"),
     Cell("dcgan-classic", "dcgan-classic", "mnist", 5, "presets"),
     # what to expect on the other datasets
-    Cell("fashion-vae", "vae", "fashion-mnist", 10, "datasets"),
-    Cell("fashion-dcgan", "dcgan", "fashion-mnist", 5, "datasets"),
-    Cell("cifar10-dcgan", "dcgan", "cifar10", 5, "datasets"),
-    Cell("faces-vae", "vae", "faces", 100, "datasets", {"likelihood": "gaussian-learned"}),
-    Cell("textures-dae", "dae", "textures", 10, "datasets", {"noise_factor": 0.3}),
+    Cell("fashion-vae", "vae", "fashion-mnist", 3, "datasets"),
+    Cell("cifar10-dcgan", "dcgan", "cifar10", 3, "datasets"),
+    Cell("faces-vae", "vae", "faces", 40, "datasets", {"likelihood": "gaussian-learned"}),
+    Cell("textures-dae", "dae", "textures", 5, "datasets", {"noise_factor": 0.3}),
     # the long binarised run, evaluated as the papers do (k importance samples over the whole test set)
     Cell("vae-binarised-long", "vae", "mnist", 50, "long", {"nll_k": 1000, "nll_images": 10_000}),
 ]
