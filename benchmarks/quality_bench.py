@@ -62,7 +62,7 @@ CELLS = [
     # what to expect on the other datasets
     Cell("fashion-vae", "vae", "fashion-mnist", 3, "datasets"),
     Cell("cifar10-dcgan", "dcgan", "cifar10", 3, "datasets"),
-    Cell("faces-vae", "vae", "faces", 40, "datasets", {"likelihood": "gaussian-learned"}),
+    Cell("faces-vae", "vae", "faces", 150, "datasets", {"batch_size": 32, "kl_warmup": 0.3}),
     Cell("textures-dae", "dae", "textures", 5, "datasets", {"noise_factor": 0.3}),
     # the long binarised run, evaluated as the papers do (k importance samples over the whole test set)
     Cell("vae-binarised-long", "vae", "mnist", 50, "long", {"nll_k": 1000, "nll_images": 10_000}),
