@@ -263,7 +263,7 @@ def run_until(config, dataset, deadline: float, epoch_s: float) -> dict[str, Any
         return inner(epoch, writer)
 
     trainer.train_epoch = train_epoch
-    timing: dict[str, Any] = {"planned_epochs": config.epochs}
+    timing: dict[str, Any] = {"planned_epochs": config.epochs, "stopped_by_budget": False}
     started = time.perf_counter()
     with timed_final_metrics(timing):
         try:
@@ -346,7 +346,7 @@ def train_to_budget(suite: Suite, kind: str, dataset_name: str, budget_s: float,
     return {
         "kind": kind, "dataset": dataset_name, "run_dir": str(run_dir), "recipe_epochs": base.epochs,
         "batch_size": base.batch_size, "train_images": images, "compile": config.compile, "amp": config.amp,
-        "plan": plan, **timing, "train_s": time.perf_counter() - started - timing.get("final_metrics_s", 0),
+        "plan": plan, **timing, "seconds_without_final_metrics": time.perf_counter() - started - timing.get("final_metrics_s", 0),
         "epoch_train_s_first": seconds[0], "epoch_train_s_steady": sum(steady) / len(steady),
         "final_test_loss": metrics["epochs"][-1]["test_loss"], "final": metrics["final"],
     }
@@ -385,7 +385,7 @@ def part_vae(suite: Suite) -> dict[str, Any]:
         raise RuntimeError("the vae recipe on mnist did not binarise: its NLL is not comparable with the published ones")
     result["reference"] = REFERENCE["vae_mnist_nll_nats"]
     final = result["final"]
-    log.info("vae on mnist: %d epochs, test ELBO %.2f, NLL %.2f nats (k=%d, %d images) in %.1f s", result["epochs"],
+    log.info("vae on %s: %d epochs, test ELBO %.2f, NLL %.2f nats (k=%d, %d images) in %.1f s", result["dataset"], result["epochs"],
              final["test_elbo_nats"], final["test_nll_nats"], final["nll_k"], final["nll_images"],
              result.get("final_metrics_s", math.nan))
     return result
@@ -562,7 +562,8 @@ def summary(results: dict[str, Any]) -> str:
             f = r["final"]
             key = f"{r['epochs']} epochs, NLL {f['test_nll_nats']:.2f} nats (k={f['nll_k']}, {f['nll_images']} images)"
         elif name == "dcgan" and entry["status"] == "ok":
-            key = ", ".join(f"{d}: {run['epochs']} ep, FID {run['final'].get('fid_inception')}" for d, run in r["runs"].items())
+            key = ", ".join(f"{d}: {run['epochs']} ep, FID {fid:.1f}" if isinstance(fid := run["final"].get("fid_inception"), float)
+                            else f"{d}: {run['epochs']} ep, no fid_inception" for d, run in r["runs"].items())
         elif name == "speed" and entry["status"] == "ok":
             key = ", ".join(f"{k} x{v.get('compile-bf16', math.nan):.2f}" for k, v in r["speedup_over_eager_fp32"].items())
         else:

