@@ -100,13 +100,10 @@ DRY_RUN = Sizes(
 
 # --- the registry's kinds and recipes ----------------------------------------------------------------------
 def registry_kinds() -> tuple[str, ...]:
-    """Every model kind genserve-train accepts, each checked against the model registry."""
-    from training.config import MODEL_KINDS
-    from training.models import model_class
+    """The default recipe of every model kind, from the model registry (the presets share their speed)."""
+    from training.models import model_kinds
 
-    for kind in MODEL_KINDS:
-        model_class(kind)  # a kind the registry cannot build fails here, loudly
-    return tuple(MODEL_KINDS)
+    return model_kinds(presets=False)
 
 
 def recipe(kind: str, dataset: str, **overrides: Any):

@@ -105,8 +105,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.config import MODEL_KINDS
+    from training.models import model_kinds
 
+    kinds = model_kinds(presets=False)
     p = argparse.ArgumentParser(prog="python -m benchmarks.training_bench", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="mnist", help="dataset name (default mnist, read from --data-dir)")
     p.add_argument("--data-dir", default=os.environ.get("GENSERVE_DATA"), help="default $GENSERVE_DATA")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2,
                    help="epochs per kind; the last one is reported, the first warms up (default 2)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--kinds", default=",".join(MODEL_KINDS), help=f"comma-separated (default {','.join(MODEL_KINDS)})")
+    p.add_argument("--kinds", default=",".join(kinds), help=f"comma-separated, presets too (default {','.join(kinds)})")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = p.parse_args(argv)
 
