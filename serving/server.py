@@ -259,8 +259,9 @@ class GenserveServer:
             # reached the port but have no handler yet, and their clients would see CANCELLED
             # instead of UNAVAILABLE (clients answered just before closing send their next call at
             # once). Then stop(0) cancels whatever is left and ends the streams (health Watch).
-            drained = await self.state.wait_quiet(QUIET_BEFORE_CLOSE_S, grace)
-            log_event(log, "calls_drained" if drained else "grace_period_over", in_flight=self.state.in_flight)
+            if self._listening:  # else start-up failed before any call could arrive
+                drained = await self.state.wait_quiet(QUIET_BEFORE_CLOSE_S, grace)
+                log_event(log, "calls_drained" if drained else "grace_period_over", in_flight=self.state.in_flight)
             await self._server.stop(0)
         if self.manager is not None:
             await self.manager.close()
