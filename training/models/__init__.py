@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from training.config import TrainConfig
 from training.models.base import Batch, GenerativeModel, StepContext
 
@@ -27,8 +29,6 @@ def model_classes() -> dict[str, type[GenerativeModel]]:
 
 def summary(cls: type) -> str:
     """One line saying what a model kind is: the first line of its class docstring, else of its module's."""
-    import sys
-
     doc = cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or cls.__name__
     return doc.strip().splitlines()[0].rstrip(".")
 
