@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from clients.client import DEFAULT_ADDRESS, GenserveClient, GenserveError
@@ -33,25 +34,39 @@ def _add_inputs(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--data-dir", help="dataset folder (default: $GENSERVE_DATA or ./data)")
 
 
+def _add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command shares. They are accepted before and after the command: the main
+    parser holds the defaults, and each command's copy sets a value only when it is given there."""
+
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    group = parser.add_argument_group("connection (before or after the command)")
+    group.add_argument("--address", default=default(DEFAULT_ADDRESS), help=f"server host:port (default {DEFAULT_ADDRESS})")
+    group.add_argument("--token-file", type=Path, default=default(None), help="file with the server's bearer token")
+    group.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS (system roots unless --tls-ca)")
+    group.add_argument("--tls-ca", type=Path, default=default(None), help="PEM root certificates to trust")
+    group.add_argument("--tls-cert", type=Path, default=default(None), help="PEM client certificate (with --tls-key)")
+    group.add_argument("--tls-key", type=Path, default=default(None), help="PEM client key")
+    group.add_argument("--timeout", type=float, default=default(60.0), help="seconds per call, retries included")
+    group.add_argument("--retries", type=int, default=default(4), help="retries while the server is UNAVAILABLE")
+    group.add_argument("--png", action="store_true", default=default(False),
+                       help="send and receive images as PNG instead of raw tensors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genserve-client", description=__doc__.splitlines()[0])
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default {DEFAULT_ADDRESS})")
-    p.add_argument("--token-file", type=Path, help="file with the server's bearer token")
-    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
-    p.add_argument("--tls-ca", type=Path, help="PEM root certificates to trust")
-    p.add_argument("--tls-cert", type=Path, help="PEM client certificate (with --tls-key)")
-    p.add_argument("--tls-key", type=Path, help="PEM client key")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call, retries included")
-    p.add_argument("--retries", type=int, default=4, help="retries while the server is UNAVAILABLE")
-    p.add_argument("--png", action="store_true", help="send and receive images as PNG instead of raw tensors")
+    _add_connection_options(p, defaults=True)
+    shared = argparse.ArgumentParser(add_help=False)
+    _add_connection_options(shared, defaults=False)
     commands = p.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("models", help="list the served models")
-    info = commands.add_parser("info", help="one model version's manifest")
+    commands.add_parser("models", parents=[shared], help="list the served models")
+    info = commands.add_parser("info", parents=[shared], help="one model version's manifest")
     info.add_argument("model")
     info.add_argument("--version", type=int)
 
-    generate = commands.add_parser("generate", help="sample images from the prior")
+    generate = commands.add_parser("generate", parents=[shared], help="sample images from the prior")
     generate.add_argument("model")
     generate.add_argument("-n", "--count", type=int, default=64)
     generate.add_argument("--seed", type=int, default=0)
@@ -60,14 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-o", "--out", type=Path, default=Path("samples.png"))
     generate.add_argument("--latents-out", type=Path, help="also write the latents (.npy)")
 
-    encode = commands.add_parser("encode", help="images -> latents (.npy) and a scatter plot")
+    encode = commands.add_parser("encode", parents=[shared], help="images -> latents (.npy) and a scatter plot")
     encode.add_argument("model")
     _add_inputs(encode)
     encode.add_argument("--version", type=int)
     encode.add_argument("-o", "--out", type=Path, default=Path("latents.npy"))
     encode.add_argument("--plot", type=Path, help="scatter plot of the latents (first two principal components)")
 
-    reconstruct = commands.add_parser("reconstruct", help="images -> encoder -> decoder -> images")
+    reconstruct = commands.add_parser("reconstruct", parents=[shared], help="images -> encoder -> decoder -> images")
     reconstruct.add_argument("model")
     _add_inputs(reconstruct)
     reconstruct.add_argument("--sample", action="store_true", help="decode a posterior sample, not the mean")
@@ -75,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--version", type=int)
     reconstruct.add_argument("-o", "--out", type=Path, default=Path("reconstructions.png"))
 
-    denoise = commands.add_parser("denoise", help="noisy images -> clean images")
+    denoise = commands.add_parser("denoise", parents=[shared], help="noisy images -> clean images")
     denoise.add_argument("model")
     _add_inputs(denoise)
     denoise.add_argument("--noise", type=float, default=0.0, help="add Gaussian noise of this std first (clipped to [0, 1])")
@@ -83,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--version", type=int)
     denoise.add_argument("-o", "--out", type=Path, default=Path("denoised.png"))
 
-    interpolate = commands.add_parser("interpolate", help="decoded images along a path between two endpoints")
+    interpolate = commands.add_parser("interpolate", parents=[shared], help="decoded images along a path between two endpoints")
     interpolate.add_argument("model")
     _add_inputs(interpolate, required=False)
     interpolate.add_argument("--seed", type=int, help="interpolate between two prior samples drawn with this seed")
@@ -228,13 +243,21 @@ def _interpolate(args: argparse.Namespace, client: GenserveClient, channels: int
     return f"wrote {args.out} ({args.steps} images, {method}, version {result.version})"
 
 
+def describe_failure(error: GenserveError, address: str) -> str:
+    """The error, or for a server that is not there, what was tried and how to start one."""
+    if error.code == grpc.StatusCode.UNAVAILABLE and "connect" in error.details.lower():
+        return (f"no genserve server answers at {address} ({error.details}); start one with "
+                "`genserve-serve --repository REPO` (or `make serve`), or point --address at a running one")
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with _client(args) as client:
             print(run(args, client))
     except GenserveError as error:
-        print(f"genserve-client: error: {error}", file=sys.stderr)
+        print(f"genserve-client: error: {describe_failure(error, args.address)}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as error:
         print(f"genserve-client: error: {error}", file=sys.stderr)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from export.manifest import MANIFEST_NAME, VARIANTS, RepositoryError
 from export.pipeline import CHECKPOINT_CHOICES, DEFAULT_MAX_BATCH, ExportResult
+from training.cli import INTERRUPTED
 
 
 def _positive(text: str) -> int:
@@ -104,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ExportError, ParityError, RepositoryError, ValueError, OSError) as error:
         print(f"genserve-export: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # A version is built in a staging directory (removed on the way out) and renamed into place
+        # whole, so an interrupt leaves either no new version or a complete one.
+        print(f"genserve-export: interrupted; {args.repository} holds no partial version (versions appear "
+              "only when complete); run the same command again to export", file=sys.stderr)
+        return INTERRUPTED
     for warning in result.warnings:
         print(f"genserve-export: warning: {warning}", file=sys.stderr)
     print(result.path if args.quiet else report(result))

@@ -1,6 +1,6 @@
 """genserve-serve: serve a model repository over gRPC (genserve.v1 and the Open Inference Protocol).
 
-    genserve-serve --repository REPO [--host 127.0.0.1] [--port 8001] [--metrics-port 8002]
+    genserve-serve --repository REPO [--wait-for-repository] [--host 127.0.0.1] [--port 8001] [--metrics-port 8002]
                    [--config FILE] [--require-gpu] [--log-json]
 
 Flags override the config file (YAML or TOML; see serving/config.py and docs/serving.md).
@@ -20,12 +20,16 @@ from serving.config import ConfigError, load_config
 from serving.logs import configure_logging, log_event
 from serving.runtime import GpuRequiredError
 
+STARTUP_FAILED = 1
+
 log = logging.getLogger("genserve.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genserve-serve", description=__doc__.splitlines()[0])
-    p.add_argument("--repository", help="model repository (written by genserve-export)")
+    p.add_argument("--repository", help="model repository (written by genserve-export); it must exist")
+    p.add_argument("--wait-for-repository", action=argparse.BooleanOptionalAction, default=None,
+                   help="start even when the repository does not exist yet, and load models once they are published")
     p.add_argument("--config", help="YAML or TOML config file; flags override it")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 8001; 0: any free port)")
@@ -34,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, dest="poll_interval_s", help="seconds between repository scans (0: never)")
     p.add_argument("--grace-period", type=float, dest="grace_period_s", help="seconds in-flight calls get on shutdown")
     p.add_argument("--inference-threads", type=int, help="threads running onnxruntime sessions")
-    p.add_argument("--require-gpu", action="store_true", default=None, help="refuse to serve any graph on the CPU")
-    p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    p.add_argument("--require-gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse to serve any graph on the CPU")
+    p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None, help="JSON log lines")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--tls-cert", help="PEM certificate chain (enables TLS)")
     p.add_argument("--tls-key", help="PEM private key")
@@ -58,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_metrics:
         config = dataclasses.replace(config, metrics_port=None)
     configure_logging(config.log_json, config.log_level)
-    try:
-        from serving.server import serve  # imports onnxruntime and the generated code
+    from serving.server import StartupError, serve  # imports onnxruntime and the generated code
 
+    try:
         return run_event_loop(serve(config), config.event_loop)
     except GpuRequiredError as error:
         log_event(log, "gpu_required", level=logging.ERROR, error=str(error))
         return 3
+    except StartupError as error:  # the message names what to change
+        log_event(log, "startup_failed", level=logging.ERROR, error=str(error))
+        return STARTUP_FAILED
     except (OSError, RuntimeError, ConfigError) as error:
         log_event(log, "failed", level=logging.ERROR, error=f"{type(error).__name__}: {error}")
         return 1

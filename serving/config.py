@@ -139,6 +139,7 @@ class ServerConfig:
     metrics_port: int | None = 8002  # 0: any free port; null: no metrics endpoint
     metrics_host: str | None = None  # None: the same as host
     poll_interval_s: float = 5.0  # repository polling for new versions; 0: never poll
+    wait_for_repository: bool = False  # start when the repository does not exist yet (else an error)
     require_gpu: bool = False  # refuse to serve a graph that onnxruntime runs on the CPU
     inference_threads: int = 2  # threads running onnxruntime sessions (off the event loop)
     grace_period_s: float = 10.0  # on SIGTERM/SIGINT, in-flight calls get this long to finish
@@ -165,6 +166,9 @@ class ServerConfig:
         ):
             raise ConfigError(f"metrics_port must be a port number or null, got {self.metrics_port!r}")
         _positive("poll_interval_s", self.poll_interval_s, allow_zero=True)
+        for name in ("wait_for_repository", "require_gpu", "log_json"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _positive("grace_period_s", self.grace_period_s, allow_zero=True)
         if isinstance(self.inference_threads, bool) or not isinstance(self.inference_threads, int) or self.inference_threads < 1:
             raise ConfigError(f"inference_threads must be a positive integer, got {self.inference_threads!r}")

@@ -9,9 +9,11 @@ in-flight calls get grace_period_s to finish, models unloaded, serving marks rem
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +41,71 @@ GENSERVE_SERVICE = genserve_pb2.DESCRIPTOR.services_by_name["Genserve"].full_nam
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICES = ("", GENSERVE_SERVICE, INFERENCE_SERVICE)
 QUIET_BEFORE_CLOSE_S = 0.2  # at shutdown, how long no call may arrive before the port closes
+PORT_SETTING = "--port (port: in the config file)"
+METRICS_PORT_SETTING = "--metrics-port (metrics_port: in the config file; --no-metrics: none)"
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the one-line message names the setting that fixes it."""
+
+
+def check_port_free(host: str, port: int, what: str, setting: str) -> None:
+    """Fail before anything starts when host:port is taken, naming the port and the option that changes it.
+
+    A probe socket is bound the way the servers bind theirs (SO_REUSEADDR, so a port in TIME_WAIT is
+    free), then closed; a port taken between this check and the real bind still fails in start().
+    """
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise StartupError(f"cannot listen on {host!r}: {error.strerror}; set --host to an address of this machine") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise StartupError(
+                        f"the {what} {port} on {host} is already in use (another genserve-serve?); "
+                        f"choose another with {setting}, or 0 for any free port"
+                    ) from None
+                if error.errno == errno.EACCES:
+                    raise StartupError(
+                        f"no permission to listen on the {what} {port} on {host}; choose one above 1023 with {setting}"
+                    ) from None
+                # Other errors (an IPv6 address of "localhost" on a host without IPv6) are left to
+                # the server's own bind, which skips addresses it cannot use.
+
+
+def check_ports(config: ServerConfig) -> None:
+    check_port_free(config.host, config.port, "gRPC port", PORT_SETTING)
+    if config.metrics_port is None:
+        return
+    metrics_host = config.metrics_host or config.host
+    if config.metrics_port == config.port != 0 and metrics_host == config.host:
+        raise StartupError(f"the gRPC port and the metrics port are both {config.port}; "
+                           f"give them different numbers with --port and --metrics-port")
+    check_port_free(metrics_host, config.metrics_port, "metrics port", METRICS_PORT_SETTING)
+
+
+def check_repository(repository: Repository, config: ServerConfig) -> None:
+    """A repository that does not exist is an error (a typo, or serving before exporting), unless
+    config.wait_for_repository asks to start anyway and load models once it appears."""
+    if repository.root.is_dir():
+        return
+    if not config.wait_for_repository:
+        raise StartupError(
+            f"the model repository {repository.root} does not exist; check --repository, publish a model into "
+            f"it first (genserve-export RUN_DIR --repository {repository.root}), or pass --wait-for-repository "
+            "to start anyway and load models once they appear"
+        )
+    if not config.poll_interval_s:
+        raise StartupError("--wait-for-repository needs repository polling; set --poll-interval above 0")
+    log_event(log, "waiting_for_repository", level=logging.WARNING, repository=str(repository.root),
+              hint=f"models load once published into it (scanned every {config.poll_interval_s:g} s)")
 
 
 def is_loopback(host: str) -> bool:
@@ -91,15 +158,22 @@ class GenserveServer:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._listening = False  # whether `listening` was logged, so that shutdown is worth logging
 
     async def start(self) -> None:
-        """Bind and serve; returns once the initial models are loaded and health is SERVING."""
+        """Bind and serve; returns once the initial models are loaded and health is SERVING.
+
+        Whatever keeps the server from starting (no GPU, no repository, a port in use) is raised
+        before anything is bound or logged as started."""
         config = self.config
         if config.require_gpu and not set(available_providers()) & set(GPU_PROVIDERS):
             raise GpuRequiredError(
                 f"--require-gpu: onnxruntime offers only {available_providers()}; install onnxruntime-gpu "
                 "(the genserve[gpu] extra) on a machine with a CUDA GPU, or drop --require-gpu"
             )
+        repository = Repository(config.repository)
+        check_repository(repository, config)
+        check_ports(config)
         token = config.token()
         interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(token, self.metrics)] if token else []
         interceptors.append(RequestDecodingInterceptor())
@@ -114,9 +188,13 @@ class GenserveServer:
         )
         address = f"{config.host}:{config.port}"
         credentials = _credentials(config)
-        self.port = (
-            self._server.add_secure_port(address, credentials) if credentials else self._server.add_insecure_port(address)
-        )
+        try:
+            self.port = (
+                self._server.add_secure_port(address, credentials) if credentials else self._server.add_insecure_port(address)
+            )
+        except RuntimeError:  # grpc's "Failed to bind": taken since check_ports, or not an address of this host
+            raise StartupError(f"cannot listen on {address} (in use, or not an address of this machine); "
+                               f"choose another port with {PORT_SETTING}, or another --host") from None
         if not is_loopback(config.host):
             if credentials is None:
                 log_event(log, "insecure_listen", level=logging.WARNING, host=config.host,
@@ -124,7 +202,6 @@ class GenserveServer:
             if token is None:
                 log_event(log, "unauthenticated_listen", level=logging.WARNING, host=config.host,
                           hint="anyone who reaches the port can call it: set auth_token_file")
-        repository = Repository(config.repository)
         holder = config.serving_holder or holder_name(config.host, self.port)
         self.manager = ModelManager(repository, config, self.metrics, self._executor, holder)
         calls = Calls(self.metrics, self.state)
@@ -144,7 +221,12 @@ class GenserveServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
         if config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
+            except OSError as error:  # taken since check_ports
+                raise StartupError(f"cannot serve /metrics on port {config.metrics_port} ({error.strerror}); "
+                                   f"choose another with {METRICS_PORT_SETTING}") from None
+        self._listening = True
         log_event(log, "listening", host=config.host, port=self.port, metrics_port=self.metrics_port,
                   tls=credentials is not None, auth=token is not None, repository=str(repository.root),
                   event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
@@ -152,7 +234,13 @@ class GenserveServer:
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.manager.start_polling(config.poll_interval_s)
-        log_event(log, "serving", models=",".join(f"{n}:{vs[-1]}" for n, vs in self.manager.loaded().items()) or None)
+        loaded = self.manager.loaded()
+        log_event(log, "serving", models=",".join(f"{n}:{vs[-1]}" for n, vs in loaded.items()) or None)
+        if not loaded and repository.root.is_dir():
+            when = (f"it is loaded within {config.poll_interval_s:g} s" if config.poll_interval_s
+                    else "then restart the server (--poll-interval 0: no polling)")
+            log_event(log, "no_models", level=logging.WARNING, repository=str(repository.root),
+                      hint=f"publish one with: genserve-export RUN_DIR --repository {repository.root}; {when}")
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
@@ -161,7 +249,8 @@ class GenserveServer:
             return
         grace = self.config.grace_period_s if grace is None else grace
         self.state.shutting_down = True
-        log_event(log, "shutting_down", grace_s=grace)
+        if self._listening:
+            log_event(log, "shutting_down", grace_s=grace)
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             # While in-flight calls finish (at most `grace`), the port stays open: new calls are
@@ -170,14 +259,16 @@ class GenserveServer:
             # reached the port but have no handler yet, and their clients would see CANCELLED
             # instead of UNAVAILABLE (clients answered just before closing send their next call at
             # once). Then stop(0) cancels whatever is left and ends the streams (health Watch).
-            drained = await self.state.wait_quiet(QUIET_BEFORE_CLOSE_S, grace)
-            log_event(log, "calls_drained" if drained else "grace_period_over", in_flight=self.state.in_flight)
+            if self._listening:  # else start-up failed before any call could arrive
+                drained = await self.state.wait_quiet(QUIET_BEFORE_CLOSE_S, grace)
+                log_event(log, "calls_drained" if drained else "grace_period_over", in_flight=self.state.in_flight)
             await self._server.stop(0)
         if self.manager is not None:
             await self.manager.close()
         self.metrics.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        log_event(log, "stopped")
+        if self._listening:
+            log_event(log, "stopped")
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -6,6 +6,7 @@ denoising rows, and the fixed-noise samples of every epoch with a start/middle/e
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,19 @@ from training.data.loader import DeviceLoader
 from training.data.types import ImageDataset
 from training.models import GenerativeModel
 
+log = logging.getLogger("genserve.train")
 FIXED_SAMPLES = 64
 SHOWN = 16  # images per row in reconstruction and denoising pictures
 MANIFOLD_STEPS = 15
 SCATTER_POINTS = 5000
+NORMAL_CDF_MINUS_2 = 0.022750131948179195  # P(Z < -2) for a standard normal: the manifold spans +-2 std
+_PER_IMAGE = {"loss": "nats per image", "recon": "nats per image", "kl": "nats per image"}
+_BCE_PER_PIXEL = {"loss": "nats per pixel", "mse": "per pixel"}
+_PLAYERS = {"loss": "nats", "d_loss": "nats", "g_loss": "nats", "d_real": "probability", "d_fake": "probability"}
+LOSS_UNITS = {  # by model kind: the unit of each loss the losses picture draws
+    "vae": _PER_IMAGE, "dense-vae": _PER_IMAGE, "ae": _BCE_PER_PIXEL, "dae": _BCE_PER_PIXEL, "gan": _PLAYERS,
+    "dcgan": _PLAYERS, "aae": {**_PLAYERS, "recon": "per pixel"},
+}
 
 
 def fixed_latents(model: GenerativeModel, config: TrainConfig) -> torch.Tensor:
@@ -63,6 +73,13 @@ def principal_axes(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return mean, v[:2], std
 
 
+def prior_span(draws: torch.Tensor) -> torch.Tensor:
+    """MANIFOLD_STEPS even values from one latent dimension's prior draws: between their quantiles at
+    -2 and +2 standard deviations of a normal, each end rounded to two significant digits."""
+    low, high = torch.quantile(draws, torch.tensor([NORMAL_CDF_MINUS_2, 1 - NORMAL_CDF_MINUS_2])).tolist()
+    return torch.linspace(float(f"{low:.2g}"), float(f"{high:.2g}"), MANIFOLD_STEPS)
+
+
 def latent_pictures(
     model: GenerativeModel, dataset: ImageDataset, config: TrainConfig, out: Path, latents: torch.Tensor,
     labels: np.ndarray | None,
@@ -78,22 +95,24 @@ def latent_pictures(
                              f"{title}: test-set latents ({latents.shape[1]}-D, PCA)", ("PC 1", "PC 2"))
 
     if latents.shape[1] == 2 and model.can_sample:
-        # Decode a grid over the prior's quantiles in each dimension (Kingma & Welling 2014, fig. 4);
-        # quantiles of prior draws, so wide or multimodal priors (AAE) are covered as well as N(0, I).
+        # Decode an even grid over the region the prior covers in each dimension: between the quantiles
+        # of prior draws at +-2 standard deviations of a normal (exactly +-2 for N(0, I); wide or
+        # multimodal priors, as the AAE's, are covered as well), rounded to two significant digits.
         draws = model.prior_sample(20000, torch.Generator().manual_seed(0)).float().cpu()
-        quantiles = torch.linspace(0.05, 0.95, MANIFOLD_STEPS)
-        xs, ys = torch.quantile(draws[:, 0], quantiles), torch.quantile(draws[:, 1], quantiles)
-        names = ("z[0] (prior quantiles 5-95%)", "z[1] (prior quantiles 5-95%)")
+        xs, ys = prior_span(draws[:, 0]), prior_span(draws[:, 1])
+        names = ("z[0]", "z[1]")
+        span = "the prior's central 95%"
         grid = torch.stack([torch.stack([x, y]) for y in ys.flip(0) for x in xs])
     else:
         # Walk the two principal directions of the test latents, +-2 standard deviations.
         mean, axes, std = principal_axes(latents)
         xs = ys = torch.linspace(-2.0, 2.0, MANIFOLD_STEPS)
         names = ("PC 1 (standard deviations)", "PC 2 (standard deviations)")
+        span = "test latents' PCA, ±2 std"
         grid = torch.stack([mean + x * std[0] * axes[0] + y * std[1] * axes[1] for y in ys.flip(0) for x in xs])
     images = model.decode(grid.to(model.device)).float().cpu()
     plots.manifold(out / "latent_manifold.png", images, xs.tolist(), ys.tolist(),
-                   f"{title}: latent manifold", names)
+                   f"{title}: latent manifold ({span})", names)
 
 
 def progress_strip(out: Path) -> None:
@@ -126,8 +145,9 @@ def write_final_pictures(
     """Every picture the model supports; returns the paths written."""
     model.eval()
     out = plots_dir(run_dir)
+    log.info("drawing the pictures into %s", out)
     title = f"{config.model} on {dataset.name}"
-    plots.loss_curves(out / "losses.png", state.epochs, state.steps, f"{title}: losses")
+    plots.loss_curves(out / "losses.png", state.epochs, state.steps, f"{title}: losses", LOSS_UNITS.get(model.kind))
 
     first = next(iter(test_loader))
     shown = first.images[:SHOWN]

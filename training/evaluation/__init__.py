@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -9,8 +10,13 @@ import torch
 from training.config import TrainConfig
 from training.data.loader import DeviceLoader
 from training.data.types import ImageDataset
+from training.evaluation.progress import progress
 from training.evaluation.reconstruction import per_image_mse, psnr_db
 from training.models import GenerativeModel
+
+log = logging.getLogger("genserve.eval")
+NLL_DECODES_PER_CHUNK = 1024  # estimate_nll's batch_size: decoder evaluations at once
+NLL_CHUNKS_PER_STEP = 10  # of those per progress step
 
 
 @torch.no_grad()
@@ -19,14 +25,18 @@ def vae_likelihood_metrics(model: GenerativeModel, config: TrainConfig, test_loa
 
     model.eval()
     elbo_sum, count, nll_images = 0.0, 0, []
-    for batch in test_loader:
+    for batch in progress(test_loader, len(test_loader), "test ELBO over the test set"):
         n = len(batch.images)
         elbo_sum += model.eval_losses(batch)["loss"].item() * n
         count += n
         if sum(len(x) for x in nll_images) < config.nll_images:
             nll_images.append(batch.images)
     images = torch.cat(nll_images)[: config.nll_images]
-    nll = estimate_nll(model, images, k=config.nll_k)
+    # In chunks, for progress; a multiple of estimate_nll's own chunk, so the noise drawn is the same.
+    chunks = images.split(max(1, NLL_DECODES_PER_CHUNK // config.nll_k) * NLL_CHUNKS_PER_STEP)
+    what = f"test NLL: {config.nll_k} importance samples on each of {len(images)} test images"
+    nll = torch.cat([estimate_nll(model, chunk, k=config.nll_k, batch_size=NLL_DECODES_PER_CHUNK)
+                     for chunk in progress(chunks, len(chunks), what)])
     return {
         "test_elbo_nats": elbo_sum / count,
         "test_nll_nats": nll.mean().item(),
@@ -40,7 +50,7 @@ def vae_likelihood_metrics(model: GenerativeModel, config: TrainConfig, test_loa
 def reconstruction_metrics(model: GenerativeModel, test_loader: DeviceLoader, noisy: bool) -> dict[str, Any]:
     model.eval()
     mse, noisy_mse = [], []
-    for batch in test_loader:
+    for batch in progress(test_loader, len(test_loader), "reconstruction error over the test set"):
         mse.append(per_image_mse(model.reconstruct(batch.inputs), batch.images))
         if noisy:
             noisy_mse.append(per_image_mse(batch.inputs, batch.images))
@@ -58,6 +68,7 @@ def final_metrics(
     model: GenerativeModel, dataset: ImageDataset, config: TrainConfig, test_loader: DeviceLoader
 ) -> dict[str, Any]:
     """The metric families the model declares (model.metric_families), in that order."""
+    log.info("final evaluation of %s on the %s test set (metrics.json `final`)", config.model, dataset.name)
     metrics: dict[str, Any] = {}
     families = model.metric_families
     if "likelihood" in families:

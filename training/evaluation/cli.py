@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoint import CHECKPOINT_CHOICES
+from training.cli import INTERRUPTED
 from training.evaluation.sample_quality import SAMPLE_METRICS
 
 RUN_METRICS = ("likelihood", "reconstruction")  # the training issue's: VAE ELBO/NLL; MSE/PSNR
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"genserve-eval: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # metrics.json is written atomically and only at the end
+        print(f"genserve-eval: interrupted; {args.run_dir / 'metrics.json'} is unchanged", file=sys.stderr)
+        return INTERRUPTED
     print_table(results)
     print(f"(merged into {args.run_dir / 'metrics.json'} `final`)")
     return 0

@@ -28,6 +28,7 @@ import torch
 from training.config import TrainConfig
 from training.data.types import ImageDataset
 from training.evaluation.fid import fid_from_features
+from training.evaluation.progress import progress
 from training.models import GenerativeModel
 
 log = logging.getLogger("genserve.eval")
@@ -50,7 +51,8 @@ def generate_samples(model: GenerativeModel, n: int, seed: int, batch_size: int 
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     chunks = []
-    for start in range(0, n, batch_size):
+    starts = range(0, n, batch_size)
+    for start in progress(starts, len(starts), f"sample quality: drawing {n} samples"):
         images = model.sample(min(batch_size, n - start), generator).float()
         if not torch.isfinite(images).all():
             raise ValueError(f"{model.kind} produced NaN or infinite samples")
@@ -191,9 +193,13 @@ def sample_quality_metrics(
         out["fid_real_images"] = len(real)
     if "fid_domain" in metrics or "class_coverage" in metrics:
         labelled = classifier_data if classifier_data is not None else classifier_dataset(dataset, config)
+        log.info("sample quality: fid_domain and class_coverage on %d samples and %d test images", len(samples), len(real))
         out.update(domain_metrics(samples, real, labelled, metrics, device))
     if "fid_inception" in metrics:
+        log.info("sample quality: Inception-v3 FID on %d samples and %d test images", len(samples), len(real))
         out["fid_inception"] = inception_fid(samples, real, device)
     if "parzen_ll_nats" in metrics:
+        log.info("sample quality: Parzen-window log-likelihood of %d test images under %d samples",
+                 len(dataset.test_images), len(samples))
         out.update(parzen(samples, dataset, device))
     return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items()}

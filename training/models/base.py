@@ -80,7 +80,7 @@ class GenerativeModel(nn.Module):
     @classmethod
     def summary(cls) -> str:
         """The first line of the class docstring: one line for `genserve-train --help` and the README."""
-        return (cls.__doc__ or cls.kind).strip().splitlines()[0]
+        return (cls.__dict__.get("__doc__") or cls.kind).strip().splitlines()[0].rstrip(".")
 
     @classmethod
     def binarize_by_default(cls, config: TrainConfig) -> bool:
