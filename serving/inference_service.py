@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 import grpc
 import numpy as np
 
-from serving.calls import Call, Calls, ServerState
+from serving.calls import Call, Calls, ServerState, end_call
 from serving.config import Limits
 from serving.errors import InvalidArgument, NotFound, ServingError
 from serving.models import LoadedGraph, ModelManager, check_name, parse_version, split_oip_name
@@ -265,13 +265,14 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # --- not supported --------------------------------------------------------------------------
     async def _unsupported(self, context: grpc.aio.ServicerContext, what: str) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"genserve does not support {what}")
+        end_call(context, grpc.StatusCode.UNIMPLEMENTED, f"genserve does not support {what}")
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         await self._unsupported(context, "streaming inference (use ModelInfer)")
-        yield pb.ModelStreamInferResponse()  # pragma: no cover - abort raises
+        return
+        yield pb.ModelStreamInferResponse()  # an async generator, as a streaming handler must be
 
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext) -> None:
         await self._unsupported(context, "system shared memory")

@@ -25,7 +25,7 @@ from export import Repository
 from serving.auth import BearerTokenInterceptor
 from serving.calls import Calls, ServerState
 from serving.config import ServerConfig
-from serving.decoding import RequestDecodingInterceptor
+from serving.decoding import RequestBudget, RequestDecodingInterceptor
 from serving.genserve_service import GenserveService
 from serving.inference_service import InferenceService
 from serving.logs import log_event
@@ -102,15 +102,12 @@ class GenserveServer:
             )
         token = config.token()
         interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(token, self.metrics)] if token else []
-        interceptors.append(RequestDecodingInterceptor())
-        limit = config.limits.max_message_bytes
+        limits = config.limits
+        interceptors.append(RequestDecodingInterceptor(limits.receive_timeout_s, RequestBudget(limits.max_in_flight_request_bytes)))
         self._server = grpc.aio.server(
             interceptors=interceptors,
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=[*limits.grpc_options(), ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=limits.max_concurrent_calls,
         )
         address = f"{config.host}:{config.port}"
         credentials = _credentials(config)
@@ -144,7 +141,10 @@ class GenserveServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
         if config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
+            self.metrics_port = self.metrics.serve(
+                config.metrics_host or config.host, config.metrics_port, token=config.metrics_token(),
+                request_timeout_s=config.metrics_request_timeout_s, max_connections=config.metrics_max_connections,
+            )
         log_event(log, "listening", host=config.host, port=self.port, metrics_port=self.metrics_port,
                   tls=credentials is not None, auth=token is not None, repository=str(repository.root),
                   event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
