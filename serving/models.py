@@ -69,6 +69,11 @@ class LoadedGraph:
         started = time.perf_counter()
         try:
             result = await self.batcher.infer(rows, deadline)
+            if not all(np.isfinite(output).all() for output in result[0]):  # never an OK with NaN pixels
+                raise InvalidArgument(
+                    f"{self.oip_name} version {self.version} computed NaN or infinite values for these inputs; "
+                    "send smaller latents (or a lower temperature)"
+                )
         except (ServingError, asyncio.CancelledError):
             self.stats.request_done(False, time.perf_counter() - started)
             raise
