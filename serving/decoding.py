@@ -41,12 +41,12 @@ class RequestBudget:
 
 
 class _Received:
-    """What the deserializer hands the handler: the message (or why there is none) and its size."""
+    """What the deserializer hands the handler: the message, or the status to end the call with."""
 
-    __slots__ = ("message", "size", "status", "details")
+    __slots__ = ("message", "status", "details")
 
-    def __init__(self, message: Any, size: int, status: grpc.StatusCode | None = None, details: str = ""):
-        self.message, self.size, self.status, self.details = message, size, status, details
+    def __init__(self, message: Any, status: grpc.StatusCode | None = None, details: str = ""):
+        self.message, self.status, self.details = message, status, details
 
 
 def _message_name(deserializer: Callable[[bytes], Any]) -> str:
@@ -62,21 +62,23 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         self.receive_timeout_s = receive_timeout_s
         self.budget = budget
 
-    def _deserializer(self, deserializer: Callable[[bytes], Any], name: str) -> Callable[[bytes], _Received]:
+    def _deserializer(self, deserializer: Callable[[bytes], Any], name: str, reserved: list[int]) -> Callable[[bytes], _Received]:
+        """One call's deserializer; what it reserves from the budget is added to `reserved`, which
+        the call releases when it ends (however it ends, even if the message is never handed over)."""
         budget = self.budget
 
         def decode(data: bytes) -> _Received:
             size = len(data)
             if not budget.reserve(size):
-                return _Received(None, 0, grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                return _Received(None, grpc.StatusCode.RESOURCE_EXHAUSTED, (
                     f"the server holds {budget.used_bytes} bytes of requests in flight; this {size}-byte request "
                     f"would exceed the limit of {budget.limit_bytes} (limits.max_in_flight_request_bytes); "
                     "retry with backoff or send smaller requests"))
+            reserved[0] += size
             try:
-                return _Received(deserializer(data), size)
+                return _Received(deserializer(data))
             except Exception as error:  # DecodeError, or anything a custom deserializer raises
-                budget.release(size)
-                return _Received(None, 0, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {name}: {error}")
+                return _Received(None, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {name}: {error}")
 
         return decode
 
@@ -86,10 +88,10 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
             async with asyncio.timeout(self.receive_timeout_s):
                 return await anext(requests)
         except StopAsyncIteration:
-            return _Received(None, 0, grpc.StatusCode.INVALID_ARGUMENT,
+            return _Received(None, grpc.StatusCode.INVALID_ARGUMENT,
                              "the call ended without a request message; a unary call sends exactly one")
         except TimeoutError:
-            return _Received(None, 0, grpc.StatusCode.DEADLINE_EXCEEDED, (
+            return _Received(None, grpc.StatusCode.DEADLINE_EXCEEDED, (
                 f"the request message did not arrive within {self.receive_timeout_s:g} s "
                 "(limits.receive_timeout_s); send it in one go, or smaller"))
 
@@ -103,12 +105,13 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         inner = handler.unary_unary or handler.unary_stream
         receive, budget = self._receive, self.budget
+        reserved = [0]  # request bytes this call holds from the budget
 
         if inspect.isasyncgenfunction(inner):
 
             async def streaming(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
-                received = await receive(requests, context)
                 try:
+                    received = await receive(requests, context)
                     if received.status is not None:
                         end_call(context, received.status, received.details)
                         return
@@ -116,24 +119,25 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
                     async for response in inner(request, context):
                         yield response
                 finally:
-                    budget.release(received.size)
+                    budget.release(reserved[0])
 
             make, behavior = grpc.stream_stream_rpc_method_handler, streaming
         else:
 
             async def unary(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
-                received = await receive(requests, context)
                 try:
+                    received = await receive(requests, context)
                     if received.status is not None:
                         return end_call(context, received.status, received.details)
                     request, received.message = received.message, None
                     return await inner(request, context)
                 finally:
-                    budget.release(received.size)
+                    budget.release(reserved[0])
 
             make, behavior = grpc.stream_unary_rpc_method_handler, unary
         return make(
             behavior,
-            request_deserializer=self._deserializer(handler.request_deserializer, _message_name(handler.request_deserializer)),
+            request_deserializer=self._deserializer(
+                handler.request_deserializer, _message_name(handler.request_deserializer), reserved),
             response_serializer=handler.response_serializer,
         )
