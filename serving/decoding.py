@@ -107,34 +107,33 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         receive, budget = self._receive, self.budget
         reserved = [0]  # request bytes this call holds from the budget
 
-        if inspect.isasyncgenfunction(inner):
+        async def unary(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
+            try:
+                received = await receive(requests, context)
+                if received.status is not None:
+                    return end_call(context, received.status, received.details)
+                request, received.message = received.message, None
+                return await inner(request, context)  # a response, or None (streamed with context.write)
+            finally:
+                budget.release(reserved[0])
 
-            async def streaming(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
-                try:
-                    received = await receive(requests, context)
-                    if received.status is not None:
-                        end_call(context, received.status, received.details)
-                        return
-                    request, received.message = received.message, None
-                    async for response in inner(request, context):
-                        yield response
-                finally:
-                    budget.release(reserved[0])
+        async def streaming(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
+            try:
+                received = await receive(requests, context)
+                if received.status is not None:
+                    end_call(context, received.status, received.details)
+                    return
+                request, received.message = received.message, None
+                async for response in inner(request, context):
+                    yield response
+            finally:
+                budget.release(reserved[0])
 
-            make, behavior = grpc.stream_stream_rpc_method_handler, streaming
-        else:
-
-            async def unary(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
-                try:
-                    received = await receive(requests, context)
-                    if received.status is not None:
-                        return end_call(context, received.status, received.details)
-                    request, received.message = received.message, None
-                    return await inner(request, context)
-                finally:
-                    budget.release(reserved[0])
-
+        # the handler keeps its response kind; a response-streaming one may yield or use context.write
+        if not handler.response_streaming:
             make, behavior = grpc.stream_unary_rpc_method_handler, unary
+        else:
+            make, behavior = grpc.stream_stream_rpc_method_handler, streaming if inspect.isasyncgenfunction(inner) else unary
         return make(
             behavior,
             request_deserializer=self._deserializer(
