@@ -8,6 +8,7 @@ See docs/model-repository.md for the field-by-field description.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +22,12 @@ BATCH_DIM = "batch"  # the symbolic name of the dynamic batch axis in every grap
 PART_NAMES = ("encoder", "decoder", "generator", "denoiser")
 VARIANTS = ("fp32", "fp16")
 DTYPES = ("float32", "float16")
+MAX_MANIFEST_BYTES = 1 << 20  # a real manifest is a few kB; a bigger one is refused unread
+MAX_JSON_DEPTH = 32  # nesting of objects and lists; real manifests nest 6 deep
+MAX_DIMENSION = (1 << 31) - 1  # any one tensor or image dimension
+_INT64 = 1 << 63
+# the prior fields each distribution the server samples needs (serving/latents.py samples them)
+PRIOR_REQUIRED = {"normal": (), "uniform": ("low", "high"), "gaussian_mixture": ("std", "weights", "means")}
 
 
 class RepositoryError(Exception):
@@ -162,16 +169,19 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = MANIFEST_NAME) -> Manifest:
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{where} is {len(text)} bytes, over the limit of {MAX_MANIFEST_BYTES} bytes")
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ManifestError(f"{where} is not valid JSON: {error}") from error
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+            raise ManifestError(f"{where} is not valid JSON: {str(error)[:200]}") from None
         return cls.from_dict(data, where)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = MANIFEST_NAME) -> Manifest:
         """Parse and validate; raises ManifestError naming the offending field."""
         d = _Reader(where)
+        _check_values(data, where)
         data = d.obj(data, "")
         fmt = d.integer(data, "format_version")
         if fmt > FORMAT_VERSION or fmt < 1:
@@ -181,15 +191,17 @@ class Manifest:
             )
         image = d.obj(d.get(data, "image"), "image")
         shape = d.get(image, "shape", "image.")
-        if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) and v > 0 for v in shape)):
-            raise ManifestError(f"{where}: image.shape must be [C, H, W] with positive integers, got {shape!r}")
+        if not (isinstance(shape, list) and len(shape) == 3 and all(_is_dimension(v) for v in shape)):
+            raise ManifestError(
+                f"{where}: image.shape must be [C, H, W] with integers in 1..{MAX_DIMENSION}, got {_short(shape)}"
+            )
         latent = d.obj(d.get(data, "latent"), "latent")
         latent_dim = latent.get("dim")
-        if latent_dim is not None and not (_is_int(latent_dim) and latent_dim > 0):
-            raise ManifestError(f"{where}: latent.dim must be a positive integer or null, got {latent_dim!r}")
+        if latent_dim is not None and not _is_dimension(latent_dim):
+            raise ManifestError(f"{where}: latent.dim must be an integer in 1..{MAX_DIMENSION} or null, got {latent_dim!r}")
         prior = latent.get("prior")
-        if prior is not None and not isinstance(prior, dict):
-            raise ManifestError(f"{where}: latent.prior must be an object or null, got {prior!r}")
+        if prior is not None:
+            _check_prior(d, prior)
         class_names = data.get("class_names")
         if class_names is not None and not (
             isinstance(class_names, list) and all(isinstance(c, str) for c in class_names)
@@ -251,6 +263,89 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_dimension(value: Any) -> bool:
+    return _is_int(value) and 0 < value <= MAX_DIMENSION
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _check_values(data: Any, where: str) -> None:
+    """Refuse what JSON allows but the server cannot carry: nesting deeper than MAX_JSON_DEPTH,
+    strings that are not valid UTF-8 (lone surrogates such as "\\ud800": protobuf cannot send them),
+    integers outside int64 and NaN or infinite numbers. Iterative: a deep manifest cannot overflow the stack."""
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise ManifestError(f"{where}: nested more than {MAX_JSON_DEPTH} levels deep (at {path or 'the top'})")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key, f"{path}.{_short(key, 40)}", where)
+                stack.append((item, depth + 1, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"))
+        elif isinstance(value, str):
+            _check_text(value, path, where)
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int) and not -_INT64 <= value < _INT64:
+            raise ManifestError(f"{where}: {path.lstrip('.') or 'a value'} is an integer outside the 64-bit range")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ManifestError(f"{where}: {path.lstrip('.') or 'a value'} is {value}; numbers must be finite")
+
+
+def _check_text(text: str, path: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"{where}: {path.lstrip('.') or 'a string'} holds a lone surrogate (not valid UTF-8)") from None
+
+
+def _check_prior(d: _Reader, prior: Any) -> None:
+    """The prior spec Generate samples from: fields of the right types for the distributions this
+    server samples (an unknown distribution is kept: Generate then says it cannot sample it)."""
+    prior = d.obj(prior, "latent.prior")
+    distribution = d.text(prior, "distribution", "latent.prior.")
+    dim = d.get(prior, "dim", "latent.prior.")
+    if not _is_dimension(dim):
+        raise d.fail(f"latent.prior.dim must be an integer in 1..{MAX_DIMENSION}, got {_short(dim)}")
+
+    def number_or_vector(key: str, value: Any) -> None:
+        if _is_number(value) or (isinstance(value, list) and len(value) == dim and all(_is_number(v) for v in value)):
+            return
+        raise d.fail(f"latent.prior.{key} must be a finite number or a list of {dim} finite numbers, got {_short(value)}")
+
+    if distribution not in PRIOR_REQUIRED:
+        return
+    for key in PRIOR_REQUIRED[distribution]:
+        d.get(prior, key, "latent.prior.")
+    for key in ("mean", "std", "low", "high"):
+        if key in prior:
+            number_or_vector(key, prior[key])
+    if "std" in prior and min(_as_list(prior["std"])) < 0:
+        raise d.fail(f"latent.prior.std must not be negative, got {_short(prior['std'])}")
+    if distribution == "gaussian_mixture":
+        weights, means = d.get(prior, "weights", "latent.prior."), d.get(prior, "means", "latent.prior.")
+        if not (isinstance(weights, list) and weights and all(_is_number(w) and w >= 0 for w in weights) and sum(weights) > 0):
+            raise d.fail(f"latent.prior.weights must be a non-empty list of non-negative numbers, got {_short(weights)}")
+        if not (
+            isinstance(means, list) and len(means) == len(weights)
+            and all(isinstance(m, list) and len(m) == dim and all(_is_number(v) for v in m) for m in means)
+        ):
+            raise d.fail(f"latent.prior.means must be {len(weights)} lists of {dim} finite numbers, got {_short(means)}")
+
+
+def _as_list(value: Any) -> list[float]:
+    return value if isinstance(value, list) else [value]
+
+
 class _Reader:
     """Typed field access that raises ManifestError with the manifest path and the field name."""
 
@@ -293,9 +388,9 @@ def _parse_tensor(d: _Reader, raw: Any, path: str) -> TensorSpec:
         isinstance(shape, list)
         and shape
         and shape[0] == BATCH_DIM
-        and all(_is_int(v) and v > 0 for v in shape[1:])
+        and all(_is_dimension(v) for v in shape[1:])
     ):
-        raise d.fail(f"{path}.shape must be [\"{BATCH_DIM}\", positive ints...], got {shape!r}")
+        raise d.fail(f"{path}.shape must be [\"{BATCH_DIM}\", ints in 1..{MAX_DIMENSION}...], got {_short(shape)}")
     value_range = raw.get("value_range")
     if value_range is not None and not (
         isinstance(value_range, list) and len(value_range) == 2 and all(isinstance(v, int | float) for v in value_range)

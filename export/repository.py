@@ -30,6 +30,7 @@ from pathlib import Path
 from export.files import dump_json, fsync_dir, sha256_file, write_bytes_durable
 from export.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     FileEntry,
     Manifest,
     ManifestError,
@@ -37,6 +38,7 @@ from export.manifest import (
     VerificationError,
 )
 from export.naming import validate_model_name
+from export.reading import read_regular, sha256_regular, unsafe_directory_reason
 
 STAGING_PREFIX = ".staging-"
 REMOVING_PREFIX = ".removing-"
@@ -134,7 +136,12 @@ class Repository:
 
     # --- reading --------------------------------------------------------------------------------
     def load_manifest(self, name: str, version: int) -> Manifest:
-        """The version's manifest, schema-checked. Raises VersionNotFoundError or ManifestError."""
+        """The version's manifest, schema-checked. Raises VersionNotFoundError or ManifestError.
+
+        Read as every serving-side read is (export.reading): a regular file, never through a
+        symlink, at most MAX_MANIFEST_BYTES; a model or version directory that is a symlink or
+        resolves outside the repository is refused too.
+        """
         vdir = self.version_dir(name, version)
         if not vdir.is_dir():
             self._require_root()
@@ -143,14 +150,20 @@ class Repository:
                 f"model {name!r} has no version {version} in {self.root}; "
                 + (f"versions: {known}" if known else "it has no versions")
             )
+        for directory in (self.model_dir(name), vdir):
+            reason = unsafe_directory_reason(directory, self.root)
+            if reason is not None:
+                raise ManifestError(f"{reason}; it is never served")
         path = vdir / MANIFEST_NAME
         try:
-            text = path.read_bytes()
+            text = read_regular(path, MAX_MANIFEST_BYTES)
         except FileNotFoundError as error:
             raise ManifestError(
                 f"{vdir} has no {MANIFEST_NAME}: it is incomplete or was not published through a staging "
                 "directory; it is never served (delete it, or re-export the model)"
             ) from error
+        except OSError as error:  # RefusedFileError (FIFO, device, symlink, too big), permissions, I/O
+            raise ManifestError(f"{path} cannot be read: {error}") from None
         manifest = Manifest.from_json(text, str(path))
         if manifest.name != name or manifest.version != version:
             raise ManifestError(
@@ -163,17 +176,23 @@ class Repository:
         """Check the manifest schema and the sha256 of every file; no unlisted files allowed.
 
         Returns the manifest; raises VerificationError naming the file and the expected and actual hash.
+        Files are read as load_manifest reads (regular files, no symlinks), each at most its listed size.
         """
         manifest = self.load_manifest(name, version)
         vdir = self.version_dir(name, version)
         for fname, entry in sorted(manifest.files.items()):
             path = vdir / fname
-            if not path.is_file():
-                raise VerificationError(f"{name} version {version}: {fname} is listed in the manifest but missing")
-            actual = sha256_file(path)
+            try:
+                actual, size = sha256_regular(path, entry.bytes)
+            except FileNotFoundError:
+                raise VerificationError(f"{name} version {version}: {fname} is listed in the manifest but missing") from None
+            except OSError as error:
+                if error.errno != errno.EFBIG:
+                    raise VerificationError(f"{name} version {version}: {error}") from None
+                actual, size = "not computed", path.stat().st_size  # bigger than listed: not read at all
             if actual != entry.sha256:
                 raise VerificationError(
-                    f"{name} version {version}: {path} has sha256 {actual} ({path.stat().st_size} bytes), "
+                    f"{name} version {version}: {path} has sha256 {actual} ({size} bytes), "
                     f"but the manifest expects {entry.sha256} ({entry.bytes} bytes); the file was altered or "
                     "corrupted after publishing. Published versions are immutable: re-export the model."
                 )
@@ -199,9 +218,11 @@ class Repository:
         fname = manifest.file_for(part, variant)
         path = self.version_dir(manifest.name, manifest.version) / fname
         try:
-            data = path.read_bytes()
+            data = read_regular(path, manifest.files[fname].bytes)
         except FileNotFoundError as error:
             raise VerificationError(f"{manifest.name} version {manifest.version}: {fname} is missing") from error
+        except OSError as error:
+            raise VerificationError(f"{manifest.name} version {manifest.version}: {error}") from None
         expected = manifest.files[fname].sha256
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected:

@@ -8,25 +8,31 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from serving.calls import end_call
 from serving.metrics import ServerMetrics
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 def _denying(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that ends the call with UNAUTHENTICATED."""
+    """A handler that ends the call with UNAUTHENTICATED on its headers alone.
 
-    async def deny(request_or_iterator, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    It is request-streaming whatever the method is, so gRPC starts it before any request message
+    and it reads none: a client without the token cannot make the server receive and hold a
+    large body (unary handlers only start once the whole message is in memory)."""
+
+    async def deny(requests, context: grpc.aio.ServicerContext) -> None:
+        end_call(context, grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_streaming(requests, context: grpc.aio.ServicerContext):
+        end_call(context, grpc.StatusCode.UNAUTHENTICATED, message)
+        return
+        yield  # an async generator, as a response-streaming handler must be
 
     codec = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny, **codec)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny, **codec)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny, **codec)
-    return grpc.stream_stream_rpc_method_handler(deny, **codec)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_streaming, **codec)
+    return grpc.stream_unary_rpc_method_handler(deny, **codec)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -59,8 +59,8 @@ def tensor_to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
 
-def latents_from_tensor(tensor: pb.Tensor, dim: int, what: str = "latents") -> np.ndarray:
-    """A float32 (N, dim) array of finite values, or InvalidArgument."""
+def latents_from_tensor(tensor: pb.Tensor, dim: int, what: str = "latents", max_abs: float = math.inf) -> np.ndarray:
+    """A float32 (N, dim) array of finite values of magnitude at most max_abs, or InvalidArgument."""
     if tensor.dtype != pb.DATA_TYPE_FLOAT32:
         raise InvalidArgument(f"{what} must be DATA_TYPE_FLOAT32")
     array = tensor_to_array(tensor, what)
@@ -69,6 +69,9 @@ def latents_from_tensor(tensor: pb.Tensor, dim: int, what: str = "latents") -> n
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).any(axis=1).sum())
         raise InvalidArgument(f"{what} contain NaN or infinite values (in {bad} of {len(array)} rows)")
+    largest = float(np.abs(array).max()) if array.size else 0.0
+    if largest > max_abs:
+        raise InvalidArgument(f"{what} hold a value of magnitude {largest:.4g}, over limits.max_latent_abs ({max_abs:g})")
     return array
 
 
@@ -108,6 +111,11 @@ def _decode_png(data: bytes, image_shape: tuple[int, int, int], what: str) -> np
                 raise InvalidArgument(f"{what}: not a PNG file (it is {image.format or 'unrecognised'})")
             if image.size != (w, h):  # checked before decoding the pixels: no decompression bombs
                 raise InvalidArgument(f"{what}: PNG is {image.size[0]}x{image.size[1]}, the model takes {w}x{h} images")
+            if image.mode.startswith(("I", "F")):  # 16-bit grayscale: convert() would clip it, not scale it
+                raise InvalidArgument(
+                    f"{what}: a 16-bit PNG (mode {image.mode}); images are 8 bits per channel: "
+                    "save it as 8-bit grayscale or RGB, or send a float32 tensor"
+                )
             image = image.convert(PNG_MODES[c])
     except InvalidArgument:
         raise

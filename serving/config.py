@@ -27,6 +27,7 @@ import yaml
 
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+METRICS_AUTH = ("auto", "none")
 VARIANTS = ("fp32", "fp16")
 MiB = 1024 * 1024
 
@@ -95,17 +96,56 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits; requests over them end with INVALID_ARGUMENT or RESOURCE_EXHAUSTED."""
+    """What one client may make the server hold, and for how long (docs/serving.md, "Limits").
+
+    Requests over a per-request limit end with INVALID_ARGUMENT; load over a server-wide one with
+    RESOURCE_EXHAUSTED (retry later); a message that does not arrive in time with DEADLINE_EXCEEDED.
+    The connection settings are gRPC's own server options.
+    """
 
     max_message_bytes: int = 64 * MiB  # gRPC send and receive limit
     max_samples_per_request: int = 1024  # Generate count, Interpolate steps
     max_images_per_request: int = 1024  # images sent in Encode, Reconstruct, Denoise
+    # bytes of request messages held at once across all calls (RESOURCE_EXHAUSTED beyond)
+    max_in_flight_request_bytes: int = 256 * MiB
+    max_concurrent_calls: int = 1024  # calls in progress server-wide (gRPC maximum_concurrent_rpcs)
+    max_streams_per_connection: int = 100  # HTTP/2 concurrent streams per connection (grpc.max_concurrent_streams)
+    receive_timeout_s: float = 30.0  # from a call's headers to its whole request message
+    connection_idle_timeout_s: float = 300.0  # a connection without calls is closed after this (grpc.max_connection_idle_ms)
+    # connections are asked to reconnect after max_connection_age_s (clients do so transparently);
+    # calls still running then get connection_age_grace_s before the connection is closed
+    max_connection_age_s: float = 3600.0
+    connection_age_grace_s: float = 60.0
+    keepalive_time_s: float = 60.0  # the server pings a connection with calls after this much silence...
+    keepalive_timeout_s: float = 20.0  # ...and closes it when the ping is not answered within this
+    max_temperature: float = 100.0  # Generate temperature (a factor on the prior's spread)
+    max_latent_abs: float = 1.0e4  # largest |value| in latents a request may send (Generate, Interpolate, ModelInfer)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
+            if f.type in (int, "int"):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
+            else:
+                _positive(f"limits.{f.name}", value)
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC server options these limits set."""
+        ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ("grpc.max_connection_idle_ms", ms(self.connection_idle_timeout_s)),
+            ("grpc.max_connection_age_ms", ms(self.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(self.connection_age_grace_s)),
+            ("grpc.keepalive_time_ms", ms(self.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
+            # clients may ping (their keepalive) as often as every 10 s, also between calls
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
 
 
 @dataclass(frozen=True)
@@ -138,6 +178,12 @@ class ServerConfig:
     port: int = 8001  # 0: any free port
     metrics_port: int | None = 8002  # 0: any free port; null: no metrics endpoint
     metrics_host: str | None = None  # None: the same as host
+    # /metrics auth: "auto" asks for the gRPC bearer token when the server has one (and for
+    # metrics_token_file's token when that is set); "none" leaves it open (bind it to loopback then)
+    metrics_auth: str = "auto"
+    metrics_token_file: str | None = None  # a separate bearer token for /metrics
+    metrics_request_timeout_s: float = 10.0  # an HTTP request to /metrics must arrive within this
+    metrics_max_connections: int = 16  # HTTP connections served at once; more are closed at once
     poll_interval_s: float = 5.0  # repository polling for new versions; 0: never poll
     wait_for_repository: bool = False  # start when the repository does not exist yet (else an error)
     require_gpu: bool = False  # refuse to serve a graph that onnxruntime runs on the CPU
@@ -178,6 +224,14 @@ class ServerConfig:
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if self.auth_token is not None and self.auth_token_file is not None:
             raise ConfigError("give auth_token or auth_token_file, not both")
+        if self.metrics_auth not in METRICS_AUTH:
+            raise ConfigError(f"metrics_auth must be one of {', '.join(METRICS_AUTH)}, got {self.metrics_auth!r}")
+        if self.metrics_auth == "none" and self.metrics_token_file is not None:
+            raise ConfigError("metrics_token_file sets a token for /metrics, but metrics_auth is none; drop one of them")
+        _positive("metrics_request_timeout_s", self.metrics_request_timeout_s)
+        if isinstance(self.metrics_max_connections, bool) or not isinstance(self.metrics_max_connections, int) \
+                or self.metrics_max_connections < 1:
+            raise ConfigError(f"metrics_max_connections must be a positive integer, got {self.metrics_max_connections!r}")
         self.tls.validate()
         self.limits.validate()
         self.defaults.validate()
@@ -202,6 +256,17 @@ class ServerConfig:
                 raise ConfigError(f"auth_token_file {self.auth_token_file} is empty")
             return token
         return self.auth_token
+
+    def metrics_token(self) -> str | None:
+        """The bearer token /metrics asks for, or None when it is open."""
+        if self.metrics_auth == "none":
+            return None
+        if self.metrics_token_file is not None:
+            token = Path(self.metrics_token_file).read_text().strip()
+            if not token:
+                raise ConfigError(f"metrics_token_file {self.metrics_token_file} is empty")
+            return token
+        return self.token()
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -1,31 +1,52 @@
-"""Undecodable requests end with INVALID_ARGUMENT (grpc itself would answer UNKNOWN and log a traceback).
+"""Receiving unary requests: a time limit, a memory budget, and clear statuses for bad messages.
 
-A server interceptor wraps each unary-request handler's deserializer so that a protobuf decoding
-error becomes a marker the handler turns into INVALID_ARGUMENT naming the message type.
+A server interceptor serves every unary-request method as a request-streaming one, so its handler
+starts as soon as the call's headers arrive and reads the one request message itself. That lets it
+ - end a call whose message does not arrive within `receive_timeout_s` (DEADLINE_EXCEEDED): a stream
+   that declares a large message and stalls would otherwise pin its partial bytes in gRPC forever;
+ - answer a call that ends without a message (INVALID_ARGUMENT) instead of leaving it hanging;
+ - keep the bytes of requests in flight under a budget (RESOURCE_EXHAUSTED beyond it);
+ - turn a message protobuf cannot decode into INVALID_ARGUMENT naming the message type (grpc
+   itself would answer UNKNOWN and log a traceback).
+Interceptors that come before it (the bearer-token check) still see only the headers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
-
-class _Undecodable:
-    def __init__(self, error: Exception):
-        self.error = error
+from serving.calls import end_call
 
 
-def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def decode(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception as error:  # DecodeError, or anything a custom deserializer raises
-            return _Undecodable(error)
+class RequestBudget:
+    """The bytes of request messages the server holds now, across calls, with a limit."""
 
-    return decode
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+
+    def reserve(self, size: int) -> bool:
+        if self.used_bytes + size > self.limit_bytes:
+            return False
+        self.used_bytes += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used_bytes -= size
+
+
+class _Received:
+    """What the deserializer hands the handler: the message, or the status to end the call with."""
+
+    __slots__ = ("message", "status", "details")
+
+    def __init__(self, message: Any, status: grpc.StatusCode | None = None, details: str = ""):
+        self.message, self.status, self.details = message, status, details
 
 
 def _message_name(deserializer: Callable[[bytes], Any]) -> str:
@@ -35,7 +56,44 @@ def _message_name(deserializer: Callable[[bytes], Any]) -> str:
 
 
 class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns undecodable unary requests into INVALID_ARGUMENT instead of UNKNOWN."""
+    """Receives each unary request within a time limit and a memory budget (see the module doc)."""
+
+    def __init__(self, receive_timeout_s: float, budget: RequestBudget):
+        self.receive_timeout_s = receive_timeout_s
+        self.budget = budget
+
+    def _deserializer(self, deserializer: Callable[[bytes], Any], name: str, reserved: list[int]) -> Callable[[bytes], _Received]:
+        """One call's deserializer; what it reserves from the budget is added to `reserved`, which
+        the call releases when it ends (however it ends, even if the message is never handed over)."""
+        budget = self.budget
+
+        def decode(data: bytes) -> _Received:
+            size = len(data)
+            if not budget.reserve(size):
+                return _Received(None, grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                    f"the server holds {budget.used_bytes} bytes of requests in flight; this {size}-byte request "
+                    f"would exceed the limit of {budget.limit_bytes} (limits.max_in_flight_request_bytes); "
+                    "retry with backoff or send smaller requests"))
+            reserved[0] += size
+            try:
+                return _Received(deserializer(data))
+            except Exception as error:  # DecodeError, or anything a custom deserializer raises
+                return _Received(None, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {name}: {error}")
+
+        return decode
+
+    async def _receive(self, requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext) -> _Received:
+        """The call's one message, or a _Received with the status to end the call with."""
+        try:
+            async with asyncio.timeout(self.receive_timeout_s):
+                return await anext(requests)
+        except StopAsyncIteration:
+            return _Received(None, grpc.StatusCode.INVALID_ARGUMENT,
+                             "the call ended without a request message; a unary call sends exactly one")
+        except TimeoutError:
+            return _Received(None, grpc.StatusCode.DEADLINE_EXCEEDED, (
+                f"the request message did not arrive within {self.receive_timeout_s:g} s "
+                "(limits.receive_timeout_s); send it in one go, or smaller"))
 
     async def intercept_service(
         self,
@@ -46,29 +104,39 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None or handler.request_streaming:
             return handler
         inner = handler.unary_unary or handler.unary_stream
-        message = f"the request is not a valid {_message_name(handler.request_deserializer)}"
+        receive, budget = self._receive, self.budget
+        reserved = [0]  # request bytes this call holds from the budget
 
-        async def reject(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{message}: {request.error}")
+        async def unary(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
+            try:
+                received = await receive(requests, context)
+                if received.status is not None:
+                    return end_call(context, received.status, received.details)
+                request, received.message = received.message, None
+                return await inner(request, context)  # a response, or None (streamed with context.write)
+            finally:
+                budget.release(reserved[0])
 
-        if inspect.isasyncgenfunction(inner):
-
-            async def behavior(request, context):
-                if isinstance(request, _Undecodable):
-                    await reject(request, context)
+        async def streaming(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
+            try:
+                received = await receive(requests, context)
+                if received.status is not None:
+                    end_call(context, received.status, received.details)
+                    return
+                request, received.message = received.message, None
                 async for response in inner(request, context):
                     yield response
+            finally:
+                budget.release(reserved[0])
 
+        # the handler keeps its response kind; a response-streaming one may yield or use context.write
+        if not handler.response_streaming:
+            make, behavior = grpc.stream_unary_rpc_method_handler, unary
         else:
-
-            async def behavior(request, context):
-                if isinstance(request, _Undecodable):
-                    await reject(request, context)
-                return await inner(request, context)
-
-        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
+            make, behavior = grpc.stream_stream_rpc_method_handler, streaming if inspect.isasyncgenfunction(inner) else unary
         return make(
             behavior,
-            request_deserializer=_tolerant(handler.request_deserializer),
+            request_deserializer=self._deserializer(
+                handler.request_deserializer, _message_name(handler.request_deserializer), reserved),
             response_serializer=handler.response_serializer,
         )

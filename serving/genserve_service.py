@@ -173,7 +173,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                 graph = self._latent_graph(loaded, "Generate")
                 dim = int(graph.spec.inputs[0].shape[1])
                 if request.HasField("latents"):
-                    z = codec.latents_from_tensor(request.latents, dim)
+                    z = codec.latents_from_tensor(request.latents, dim, max_abs=self.limits.max_latent_abs)
                     self._check_count(len(z), "the number of latents")
                     if request.count not in (0, len(z)):
                         raise InvalidArgument(f"count is {request.count} but {len(z)} latents were given; give 0 or {len(z)}")
@@ -187,8 +187,11 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                     if int(prior.get("dim", -1)) != dim:
                         raise FailedPrecondition(f"the prior's dim {prior.get('dim')} differs from the graph's input ({dim})")
                     temperature = request.temperature or 1.0
-                    if not (math.isfinite(temperature) and temperature > 0):
-                        raise InvalidArgument(f"temperature must be a positive finite number, got {temperature}")
+                    if not (math.isfinite(temperature) and 0 < temperature <= self.limits.max_temperature):
+                        raise InvalidArgument(
+                            f"temperature must be a positive number of at most {self.limits.max_temperature:g} "
+                            f"(limits.max_temperature), got {temperature:.4g}"
+                        )
                     z = latents.sample_prior(prior, count, request.seed, temperature)
                 images = (await self._run(graph, z, call))[0]
                 response = await self._images_response(pb.GenerateResponse, loaded, images, request.output_format)
@@ -264,7 +267,8 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                 dim = int(graph.spec.inputs[0].shape[1])
                 endpoints = request.WhichOneof("endpoints")
                 if endpoints == "latents":
-                    pair = codec.latents_from_tensor(request.latents.latents, dim, "latents.latents")
+                    pair = codec.latents_from_tensor(
+                        request.latents.latents, dim, "latents.latents", max_abs=self.limits.max_latent_abs)
                 elif endpoints == "images":
                     self._require(loaded, "encoder", "Interpolate between images")
                     images = await self._images_in(request.images.images, loaded, "images.images")

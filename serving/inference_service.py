@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 import grpc
 import numpy as np
 
-from serving.calls import Call, Calls, ServerState
+from serving.calls import Call, Calls, ServerState, end_call
 from serving.config import Limits
 from serving.errors import InvalidArgument, NotFound, ServingError
 from serving.models import LoadedGraph, ModelManager, check_name, parse_version, split_oip_name
@@ -68,6 +68,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         async def body(call: Call) -> pb.ModelReadyResponse:
+            parse_version(request.version)  # a malformed version is INVALID_ARGUMENT, not "not ready"
             try:
                 async with self.manager.use_graph(request.name, request.version):
                     return pb.ModelReadyResponse(ready=True)
@@ -171,14 +172,14 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async def body(call: Call) -> pb.ModelInferResponse:
             async with self.manager.use_graph(request.model_name, request.model_version) as graph:
                 call.bind(graph.model, graph.version)
-                rows = self._input(request, graph)
-                outputs, timing = await graph.infer(rows, call.deadline)
-                call.add(timing)
                 names = [t.name for t in graph.spec.outputs]
                 wanted = [o.name for o in request.outputs] or names
                 unknown = [n for n in wanted if n not in names]
-                if unknown:
+                if unknown:  # before running the graph: nothing is computed for a request that cannot be answered
                     raise InvalidArgument(f"{graph.oip_name} has no output {unknown[0]!r}; its outputs are {names}")
+                rows = self._input(request, graph)
+                outputs, timing = await graph.infer(rows, call.deadline)
+                call.add(timing)
                 response = pb.ModelInferResponse(
                     model_name=graph.oip_name, model_version=str(graph.version), id=request.id,
                 )
@@ -216,6 +217,11 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgument(f"input {spec.name!r}: {len(raw)} bytes of raw data, shape {shape} of FP32 needs {count * 4}")
             array = np.frombuffer(raw, dtype="<f4").reshape(shape)
         else:
+            others = [f.name for f, _ in tensor.contents.ListFields() if f.name != "fp32_contents"]
+            if others:
+                raise InvalidArgument(
+                    f"input {spec.name!r}: contents has {', '.join(others)}; an FP32 input takes fp32_contents only"
+                )
             values = tensor.contents.fp32_contents
             if len(values) != count:
                 raise InvalidArgument(
@@ -224,6 +230,12 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             array = np.asarray(values, dtype=np.float32).reshape(shape)
         if not np.isfinite(array).all():
             raise InvalidArgument(f"input {spec.name!r} contains NaN or infinite values")
+        largest = float(np.abs(array).max())
+        if largest > self.limits.max_latent_abs:
+            raise InvalidArgument(
+                f"input {spec.name!r} has a value of magnitude {largest:.4g}, over limits.max_latent_abs "
+                f"({self.limits.max_latent_abs:g})"
+            )
         return array
 
     # --- repository -----------------------------------------------------------------------------
@@ -257,21 +269,22 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
         async def body(call: Call) -> pb.RepositoryModelUnloadResponse:
             name = _model_name(request.model_name)
-            call.bind(name, "")
             await self.manager.unload(name)
+            call.bind(name, "")  # only now: an invented name must not become a metric label
             return pb.RepositoryModelUnloadResponse()
 
         return await self.calls.run("RepositoryModelUnload", context, body)
 
     # --- not supported --------------------------------------------------------------------------
     async def _unsupported(self, context: grpc.aio.ServicerContext, what: str) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"genserve does not support {what}")
+        end_call(context, grpc.StatusCode.UNIMPLEMENTED, f"genserve does not support {what}")
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         await self._unsupported(context, "streaming inference (use ModelInfer)")
-        yield pb.ModelStreamInferResponse()  # pragma: no cover - abort raises
+        return
+        yield pb.ModelStreamInferResponse()  # an async generator, as a streaming handler must be
 
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext) -> None:
         await self._unsupported(context, "system shared memory")

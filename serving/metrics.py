@@ -19,8 +19,14 @@
 
 from __future__ import annotations
 
+import hmac
+import socket
+import sys
 import threading
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,7 +34,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -93,12 +99,27 @@ class ServerMetrics:
             registry=r,
         )
         ProcessCollector(registry=r)
-        self._http: WSGIServer | None = None
+        self._http: _BoundedThreadingServer | None = None
         self._thread: threading.Thread | None = None
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP endpoint in a thread; returns the bound port (port 0: any free one)."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, *, token: str | None = None, request_timeout_s: float = 10.0,
+              max_connections: int = 16) -> int:
+        """Start the /metrics HTTP endpoint in a thread; returns the bound port (port 0: any free one).
+
+        With `token`, requests need `Authorization: Bearer <token>` (401 otherwise). A connection
+        must send its request within request_timeout_s; at most max_connections are served at
+        once (more are closed unanswered), so slow or idle clients cannot pile up threads."""
+        app = make_wsgi_app(self.registry)
+        if token:
+            app = _bearer_protected(app, token)
+        handler = type("MetricsHandler", (_QuietHandler,), {"timeout": request_timeout_s})
+        server_class = type("MetricsServer", (_BoundedThreadingServer,), {
+            "address_family": socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET,
+        })
+        self._http = make_server(host.strip("[]"), port, app, server_class, handler_class=handler)
+        self._http.slots = threading.BoundedSemaphore(max_connections)
+        self._thread = threading.Thread(target=self._http.serve_forever, name="genserve-metrics", daemon=True)
+        self._thread.start()
         return int(self._http.server_port)
 
     def stop(self) -> None:
@@ -106,3 +127,52 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log; `timeout` (set per server) bounds every read from the client's socket."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _BoundedThreadingServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most `slots` of them; a connection beyond that is closed at once."""
+
+    daemon_threads = True
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # timed out or hung up: nothing to report
+            super().handle_error(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def _bearer_protected(app: Callable[..., Iterable[bytes]], token: str) -> Callable[..., Iterable[bytes]]:
+    """`app` behind `Authorization: Bearer <token>` (compared in constant time)."""
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
+        if hmac.compare_digest(given, expected):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                            ("WWW-Authenticate", 'Bearer realm="genserve metrics"')])
+        return [b"missing or wrong bearer token: send 'Authorization: Bearer <token>' (metrics_auth in the config)\n"]
+
+    return guarded

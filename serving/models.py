@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -68,6 +69,11 @@ class LoadedGraph:
         started = time.perf_counter()
         try:
             result = await self.batcher.infer(rows, deadline)
+            if not all(np.isfinite(output).all() for output in result[0]):  # never an OK with NaN pixels
+                raise InvalidArgument(
+                    f"{self.oip_name} version {self.version} computed NaN or infinite values for these inputs; "
+                    "send smaller latents (or a lower temperature)"
+                )
         except (ServingError, asyncio.CancelledError):
             self.stats.request_done(False, time.perf_counter() - started)
             raise
@@ -129,6 +135,25 @@ class IndexEntry:
     parts: tuple[str, ...] = ()
 
 
+def check_declared_shapes(what: str, spec: PartSpec, session: GraphSession, max_row_bytes: int) -> None:
+    """LoadError unless every tensor the manifest declares has the graph's own rank and fixed
+    dimensions, and one row of it fits in max_row_bytes (limits.max_message_bytes: a bigger row
+    could never be sent or answered). Runs before warm-up allocates anything from these shapes."""
+    declared = [spec.inputs[0], *spec.outputs]
+    actual = [session.input_shape, *session.output_shapes]
+    for tensor, graph_shape in zip(declared, actual, strict=True):
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in graph_shape]  # None: symbolic
+        if len(graph_shape) != len(tensor.shape) or any(
+            g is not None and g != d for g, d in zip(fixed[1:], tensor.shape[1:], strict=True)
+        ):
+            raise LoadError("load", f"{what}: the manifest declares {tensor.name!r} as {list(tensor.shape)}, "
+                                    f"but the graph has shape {list(graph_shape)}")
+        row_bytes = math.prod(int(d) for d in tensor.shape[1:]) * 4  # float32 I/O
+        if row_bytes > max_row_bytes:
+            raise LoadError("load", f"{what}: one row of {tensor.name!r} {list(tensor.shape)} is {row_bytes} bytes, "
+                                    f"over limits.max_message_bytes ({max_row_bytes}); no request could carry it")
+
+
 def holder_name(host: str, port: int) -> str:
     """A serving-mark holder name for this server (a valid model name)."""
     raw = re.sub(r"[^a-z0-9._-]+", "-", f"genserve-{host}-{port}".lower())
@@ -176,7 +201,10 @@ class ModelManager:
         self._failed: dict[tuple[str, int], str] = {}
         self._unloaded: set[str] = set()
         self._loading: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
+        # per-name locks, only while a load or unload of that name runs or waits (invented names
+        # must not grow the table); `_marked` remembers which names carry this server's mark
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._marked: set[str] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._repository_error: str | None = None  # why the last scan could not read the repository
@@ -239,6 +267,19 @@ class ModelManager:
             yield graph
 
     # --- loading --------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, name: str) -> AsyncIterator[None]:
+        """One load or unload of `name` at a time; the lock is dropped once nobody holds or awaits it."""
+        lock, users = self._locks.setdefault(name, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[name]
+
     async def _in_loader(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
 
@@ -286,8 +327,7 @@ class ModelManager:
         keeps serving); a refused version is only tried again when `explicit`.
         """
         check_name(name)
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._exclusive(name):
             if explicit:
                 self._unloaded.discard(name)
             try:
@@ -350,8 +390,15 @@ class ModelManager:
             path: Path = self.repository.version_dir(name, version) / spec.variants[variant].file
             what = f"{name} version {version} {part} ({variant})"
             try:
+                # What onnxruntime loads is exactly the bytes whose sha256 was just checked: loading
+                # from the path would read the file a second time, after anyone could have swapped it.
+                graph_bytes = self.repository.read_part(manifest, part, variant)
+            except RepositoryError as error:
+                raise LoadError("verify", str(error)) from None
+            try:
                 session = load_session(
                     path,
+                    model_bytes=graph_bytes,
                     execution_provider=settings.execution_provider,
                     intra_op_threads=settings.intra_op_threads,
                     cpu_memory_arena=settings.cpu_memory_arena,
@@ -362,6 +409,8 @@ class ModelManager:
                 raise LoadError("gpu", str(error)) from None
             except Exception as error:  # onnxruntime raises its own exception types
                 raise LoadError("load", f"onnxruntime cannot load {path.name}: {error}") from None
+            finally:
+                del graph_bytes  # onnxruntime keeps its own copy
             expected_out = [t.name for t in spec.outputs]
             if session.input_name != spec.inputs[0].name or session.output_names != expected_out:
                 raise LoadError(
@@ -369,6 +418,7 @@ class ModelManager:
                     f"{what}: the graph's inputs/outputs ({session.input_name!r} -> {session.output_names}) "
                     f"differ from the manifest's ({spec.inputs[0].name!r} -> {expected_out})",
                 )
+            check_declared_shapes(what, spec, session, self.config.limits.max_message_bytes)
             shape = tuple(int(d) for d in spec.inputs[0].shape[1:])
             for batch in settings.warmup_sizes:
                 try:
@@ -413,6 +463,7 @@ class ModelManager:
 
     def _mark(self, name: str, versions: set[int]) -> None:
         """Blocking (loader thread): rewrite this server's serving mark for `name`."""
+        self._marked.add(name)
         try:
             if versions:
                 self.repository.mark_serving(name, versions, self.holder)
@@ -449,12 +500,11 @@ class ModelManager:
     async def unload(self, name: str) -> list[int]:
         """Unload every version of `name` (in-flight requests finish first); returns them."""
         check_name(name)
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        if name not in self._versions and name not in await self._in_loader(self._known_models):
+            raise NotFound(f"no model {name!r} in the repository or loaded")
+        async with self._exclusive(name):
             self._unloaded.add(name)
             versions = sorted(self._versions.get(name, {}))
-            if not versions and name not in await self._in_loader(self._known_models):
-                self._unloaded.discard(name)
-                raise NotFound(f"no model {name!r} in the repository or loaded")
             for version in versions:
                 self._retire(name, version)
             await self.drained()
@@ -565,16 +615,22 @@ class ModelManager:
             for version in list(self._versions.get(name, {})):
                 self._retire(name, version)
         await self.drained()
-        for name in list(self._locks):
+        for name in sorted(self._marked):
             await self._in_loader(self._mark, name, set())
         self._loader.shutdown(wait=False, cancel_futures=True)
         self.ready = False
+
+
+_VERSION_TEXT = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²" and "١" are str.isdigit()), within int64
 
 
 def parse_version(text: str) -> int | None:
     """An inference-protocol version string ("" = newest) -> int or None; InvalidArgument if not a number."""
     if text == "":
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidArgument(f"version must be a positive integer (or empty for the newest), got {text!r}")
+    if not _VERSION_TEXT.fullmatch(text) or int(text) < 1:
+        shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+        raise InvalidArgument(
+            f"version must be a positive integer of at most 18 ASCII digits (or empty for the newest), got {shown!r}"
+        )
     return int(text)

@@ -53,6 +53,8 @@ class GraphSession:
     input_name: str
     output_names: list[str]
     providers: list[str]
+    input_shape: list[int | str | None]  # the graph's own shapes; str or None for symbolic axes
+    output_shapes: list[list[int | str | None]]
 
     @property
     def provider(self) -> str:
@@ -71,13 +73,15 @@ class GraphSession:
 def load_session(
     path: Path,
     *,
+    model_bytes: bytes | None = None,
     execution_provider: str = "auto",
     intra_op_threads: int = 0,
     cpu_memory_arena: bool = True,
     require_gpu: bool = False,
     what: str = "",
 ) -> GraphSession:
-    """Create a session for `path`; raises GpuRequiredError when require_gpu and it runs on the CPU."""
+    """Create a session for `path` (from `model_bytes` when given: the bytes already read and
+    checked, `path` then only names it); raises GpuRequiredError when require_gpu and it runs on the CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     # The arena keeps the largest buffers a graph has needed (in power-of-two chunks): faster
@@ -90,12 +94,14 @@ def load_session(
     # Idle intra-op threads sleep instead of spinning: the batcher leaves gaps between executions.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     requested = requested_providers(execution_provider)
-    session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
+    model = str(path) if model_bytes is None else model_bytes
+    session = ort.InferenceSession(model, sess_options=options, providers=requested)
     providers = list(session.get_providers())
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
         raise ValueError(f"{path} has {len(inputs)} inputs; genserve graphs have exactly one")
-    graph = GraphSession(path, session, inputs[0].name, [o.name for o in outputs], providers)
+    graph = GraphSession(path, session, inputs[0].name, [o.name for o in outputs], providers,
+                         list(inputs[0].shape), [list(o.shape) for o in outputs])
     fell_back = requested[0] != graph.provider
     log_event(
         log,

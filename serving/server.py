@@ -27,7 +27,7 @@ from export import Repository
 from serving.auth import BearerTokenInterceptor
 from serving.calls import Calls, ServerState
 from serving.config import ServerConfig
-from serving.decoding import RequestDecodingInterceptor
+from serving.decoding import RequestBudget, RequestDecodingInterceptor
 from serving.genserve_service import GenserveService
 from serving.inference_service import InferenceService
 from serving.logs import log_event
@@ -176,15 +176,12 @@ class GenserveServer:
         check_ports(config)
         token = config.token()
         interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(token, self.metrics)] if token else []
-        interceptors.append(RequestDecodingInterceptor())
-        limit = config.limits.max_message_bytes
+        limits = config.limits
+        interceptors.append(RequestDecodingInterceptor(limits.receive_timeout_s, RequestBudget(limits.max_in_flight_request_bytes)))
         self._server = grpc.aio.server(
             interceptors=interceptors,
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=[*limits.grpc_options(), ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=limits.max_concurrent_calls,
         )
         address = f"{config.host}:{config.port}"
         credentials = _credentials(config)
@@ -222,7 +219,11 @@ class GenserveServer:
         await self._server.start()
         if config.metrics_port is not None:
             try:
-                self.metrics_port = self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
+                self.metrics_port = self.metrics.serve(
+                    config.metrics_host or config.host, config.metrics_port, token=config.metrics_token(),
+                    request_timeout_s=config.metrics_request_timeout_s,
+                    max_connections=config.metrics_max_connections,
+                )
             except OSError as error:  # taken since check_ports
                 raise StartupError(f"cannot serve /metrics on port {config.metrics_port} ({error.strerror}); "
                                    f"choose another with {METRICS_PORT_SETTING}") from None
