@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, DatasetError, CheckpointError, NonFiniteLossError) as error:
         print(f"genserve-train: error: {error}", file=sys.stderr)
         return 2
+    from training.distributed import Distributed
+
+    if not Distributed.from_environment().is_main:
+        return 0  # under torchrun, rank 0 writes and reports the run
     final = json.loads((run_dir / "metrics.json").read_text())["final"]
     print(json.dumps({"run_dir": str(run_dir), "final": final}, indent=2))
     return 0
