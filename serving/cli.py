@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it")
     p.add_argument("--auth-token-file", help="file holding the bearer token every call but health must send")
+    p.add_argument("--serving-holder", help="name of this server's serving marks in the repository (default "
+                   "genserve-HOST-PORT); each replica sharing a repository needs its own, e.g. the pod name")
     return p
 
 

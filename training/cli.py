@@ -221,6 +221,11 @@ def _main(argv: list[str] | None) -> int:
         fresh_line = "\n" if sys.stderr.isatty() else ""  # after the progress bar and the terminal's ^C
         print(f"{fresh_line}{interrupted_message(config)}", file=sys.stderr)
         return INTERRUPTED
+
+    from training.distributed import Distributed
+
+    if not Distributed.from_environment().is_main:
+        return 0  # under torchrun, rank 0 writes and reports the run
     final = json.loads((run_dir / "metrics.json").read_text())["final"]
     print(json.dumps({"run_dir": str(run_dir), "final": final}, indent=2))
     return 0

@@ -31,6 +31,7 @@ from training.checkpoint import (
 from training.config import TrainConfig
 from training.data.loader import DeviceLoader, fixed_test_loader
 from training.data.types import ImageDataset
+from training.distributed import Distributed, follow
 from training.models import GenerativeModel, StepContext, build_model, model_class
 
 log = logging.getLogger("genserve.train")
@@ -94,7 +95,9 @@ class Trainer:
         config.validate()
         self.config = config
         self.run_dir = Path(config.out)
-        self.device = select_device(config.device)
+        self.dist = Distributed.from_environment()  # torchrun: one rank of several (training/distributed.py)
+        self.dist.check(config)
+        self.device = self.dist.start(select_device(config.device))
         existing = epoch_checkpoints(self.run_dir)
         if existing and not resume:
             raise FileExistsError(
@@ -127,13 +130,14 @@ class Trainer:
         self.train_loader = DeviceLoader(
             train_images,
             train_labels,
-            config.batch_size,
+            self.dist.local_batch_size(config.batch_size),
             shuffle=True,
             binarize=config.binarize,
             noise_factor=noise,
             shuffle_generator=self.shuffle_generator,
             augment_generator=self.augment_generator,
             drop_last=True,  # equal batches: batch norm and GAN statistics stay well defined
+            shard=(self.dist.rank, self.dist.world_size),
         )
         test_images = self.dataset.test_images.to(self.device)
         test_labels = None if self.dataset.test_labels is None else self.dataset.test_labels.to(self.device)
@@ -153,6 +157,7 @@ class Trainer:
         if config.compile:
             for module in self.model.children():
                 module.compile()
+        self.networks = self.dist.wrap(self.model)  # one DDP wrapper per network under torchrun
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def write_run_files(self) -> None:
@@ -170,6 +175,7 @@ class Trainer:
                 "test_images": len(self.dataset.test_images),
                 "value_range": [0.0, 1.0],
                 "device": str(self.device),
+                "world_size": self.dist.world_size,
                 "torch_version": torch.__version__,
                 "git_commit": git_commit(),
                 "command": sys.argv,
@@ -226,6 +232,7 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, writer) -> dict[str, float]:
+        self.dist.seed_epoch(self.config.seed, epoch, self.generators)
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         window: dict[str, torch.Tensor] = {}
@@ -241,7 +248,7 @@ class Trainer:
             progress = self.state.step / max(1, self.total_steps)
             self.set_learning_rates(progress)
             ctx = StepContext(self.state.step, progress, self.autocast)
-            losses = self.model.train_step(batch, self.optimizers, ctx)
+            losses = self.networks.train_step(self.model.train_step, batch, self.optimizers, ctx)
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -255,14 +262,14 @@ class Trainer:
             window_steps += 1
             self.state.step += 1
             if window_steps == self.config.log_every:
-                means = {k: (v / window_steps).item() for k, v in window.items()}
+                means = {k: (v / window_steps).item() for k, v in self.dist.mean_over_ranks(window).items()}
                 self.state.steps.append({"step": self.state.step, **means})
                 for key, value in means.items():
                     writer.add_scalar(f"train_step/{key}", value, self.state.step)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k in ("loss", "recon", "kl", "d_loss", "g_loss")})
                 window, window_steps = {}, 0
         steps = len(self.train_loader)
-        return {key: (value / steps).item() for key, value in sums.items()}
+        return {key: (value / steps).item() for key, value in self.dist.mean_over_ranks(sums).items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -282,6 +289,8 @@ class Trainer:
         from training.evaluation import final_metrics
         from training.pictures import write_epoch_pictures, write_final_pictures
 
+        if not self.dist.is_main:
+            return follow(self)  # train in step with rank 0, write nothing
         self.write_run_files()
         writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.state.step or None)
         start_epoch = self.state.epoch + 1
@@ -351,5 +360,9 @@ class Trainer:
 
 def train(config: TrainConfig, resume: bool = False, dataset: ImageDataset | None = None) -> Path:
     """Train config.model on config.dataset into config.out; returns the run directory."""
-    return Trainer(config, resume=resume, dataset=dataset).run()
+    trainer = Trainer(config, resume=resume, dataset=dataset)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
+from training.distributed import shard_indices, shard_size
 from training.models.base import Batch
 
 
@@ -29,6 +30,7 @@ class DeviceLoader:
         augment_generator: torch.Generator | None = None,
         drop_last: bool = False,
         fixed_seed: int | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         if images.dtype != torch.uint8:
             raise TypeError(f"DeviceLoader takes uint8 images, got {images.dtype}")
@@ -40,11 +42,12 @@ class DeviceLoader:
         self.noise_factor = noise_factor
         self.shuffle_generator = shuffle_generator  # CPU: randperm must be identical on every device
         self.augment_generator = augment_generator  # on the images' device
-        self.drop_last = drop_last and len(images) >= batch_size
+        self.rank, self.world_size = shard  # under torchrun: (rank, world_size); this rank's rows only
+        self.drop_last = drop_last and shard_size(len(images), self.world_size) >= batch_size
         self.fixed_seed = fixed_seed  # reseed augment_generator at every pass: the same draws each time
 
     def __len__(self) -> int:
-        n = len(self.images)
+        n = shard_size(len(self.images), self.world_size)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -56,6 +59,7 @@ class DeviceLoader:
             order = torch.randperm(n, generator=self.shuffle_generator).to(device)
         else:
             order = torch.arange(n, device=device)
+        order = shard_indices(order, self.rank, self.world_size)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.make_batch(self.images[index], None if self.labels is None else self.labels[index])
