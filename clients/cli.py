@@ -143,11 +143,9 @@ def write_images(path: Path, images: np.ndarray, title: str, ncols: int = 8) -> 
     if path.suffix == ".npy":
         np.save(path, images.astype(np.float32))
         return
-    import torch
+    from training.plots import image_grid  # matplotlib, no torch
 
-    from training.plots import image_grid
-
-    image_grid(path, torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), title, ncols=ncols)
+    image_grid(path, images, title, ncols=ncols)
 
 
 def write_rows(path: Path, rows: list[tuple[str, np.ndarray]], title: str) -> None:
@@ -155,16 +153,14 @@ def write_rows(path: Path, rows: list[tuple[str, np.ndarray]], title: str) -> No
     if path.suffix == ".npy":
         np.save(path, rows[-1][1].astype(np.float32))
         return
-    import torch
+    from training.plots import image_rows  # matplotlib, no torch
 
-    from training.plots import image_rows
-
-    image_rows(path, [(label, torch.from_numpy(np.ascontiguousarray(x, np.float32))) for label, x in rows], title)
+    image_rows(path, rows, title)
 
 
 def scatter(path: Path, latents: np.ndarray, labels: np.ndarray | None, class_names: list[str] | None, title: str) -> None:
     """The first two principal components of the latents (the latents themselves when 2-D)."""
-    from training.plots import latent_scatter
+    from training.plots import latent_scatter  # matplotlib, no torch
 
     if latents.shape[1] == 2:
         points, axes = latents, ("z[0]", "z[1]")

@@ -8,7 +8,10 @@
 Images go in as uint8 or float32 [0, 1] NCHW arrays and come back as float32 [0, 1] NCHW arrays;
 on the wire they are raw tensors or PNG files (`image_encoding`). Every call has a deadline
 (`timeout`) and is retried with exponential backoff while the server answers UNAVAILABLE (a
-restart, a shutdown, a model loading), within that deadline. Errors raise GenserveError.
+restart, a shutdown, a model loading), within that deadline. Failed calls raise GenserveError;
+arrays that cannot be sent (or responses that cannot be read) raise CodecError, a ValueError.
+
+It imports grpc, numpy, PIL and the generated messages, never the server, torch or matplotlib.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from serving import codec
-from serving.protos import genserve_pb2 as pb
+from clients import codec
+from clients.codec import IMAGE_ENCODINGS, CodecError
+from serving.protos import genserve_pb2 as pb  # the generated code only: no server module
 from serving.protos import genserve_pb2_grpc
 
 Response = TypeVar("Response")
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 RETRIED = (grpc.StatusCode.UNAVAILABLE,)
+__all__ = ["DEFAULT_ADDRESS", "CodecError", "Encoding", "GenserveClient", "GenserveError", "Images", "ModelInfo", "ModelSummary"]
 
 
 class GenserveError(Exception):
@@ -120,7 +125,7 @@ class GenserveClient:
         image_encoding: str = "raw",
         max_message_bytes: int = 64 * 1024 * 1024,
     ):
-        if image_encoding not in ("raw", "png"):
+        if image_encoding not in IMAGE_ENCODINGS:
             raise ValueError(f"image_encoding must be 'raw' or 'png', not {image_encoding!r}")
         options = [
             ("grpc.max_send_message_length", max_message_bytes),

@@ -28,7 +28,7 @@ from export.manifest import (
     VerificationError,
     graph_metadata,
 )
-from export.naming import InvalidNameError, default_model_name, validate_model_name
+from export.naming import InvalidNameError, default_model_name, sanitize_name, validate_model_name
 from export.repository import Repository, VersionNotFoundError, VersionStatus, keep_versions
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ __all__ = [
     "export_run",
     "graph_metadata",
     "keep_versions",
+    "sanitize_name",
     "validate_model_name",
 ]
 

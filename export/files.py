@@ -1,32 +1,17 @@
-"""Durable file writes and hashing for the model repository (no torch, no onnx: the server imports this)."""
+"""Strict JSON and hashing for the model repository (no torch, no onnx: the server imports this).
+
+Durable writes are training.files (write_bytes_durable, write_atomic, fsync_dir), shared with training.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so the names created or renamed in it survive a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_durable(path: Path, data: bytes) -> None:
-    """Write `data` to a new file and fsync it (the caller fsyncs the directory once at the end)."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def json_safe(value: Any) -> Any:

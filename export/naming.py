@@ -40,8 +40,15 @@ def validate_model_name(name: str, what: str = "model name") -> str:
     return name
 
 
+def sanitize_name(raw: str, what: str = "model name") -> str:
+    """`raw` made a valid name: lowercased, each run of other characters turned into one '-', runs of
+    '.' or '-' made single, '.' and '-' stripped from both ends, cut to the maximum length
+    ("Genserve [::1]:8001" -> "genserve-1-8001"). InvalidNameError if nothing valid is left."""
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", raw.lower())
+    cleaned = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", cleaned)).strip("._-")
+    return validate_model_name(cleaned[:MAX_NAME_LENGTH], what)
+
+
 def default_model_name(kind: str, dataset: str) -> str:
-    """`<dataset>-<kind>`, lowercased with other characters turned into '-' (mnist-5k + vae -> mnist-5k-vae)."""
-    raw = f"{dataset}-{kind}".lower()
-    cleaned = re.sub(r"[^a-z0-9._-]+", "-", raw).replace("..", ".").lstrip("._-")
-    return validate_model_name(cleaned[:MAX_NAME_LENGTH])
+    """`<dataset>-<kind>`, sanitised (mnist-5k + vae -> mnist-5k-vae)."""
+    return sanitize_name(f"{dataset}-{kind}")

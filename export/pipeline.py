@@ -14,7 +14,7 @@ from typing import Any
 import onnx
 import torch
 
-from export.files import json_safe, write_bytes_durable
+from export.files import json_safe
 from export.manifest import Manifest, PartSpec, VariantSpec, graph_metadata
 from export.naming import default_model_name, validate_model_name
 from export.onnx_export import OPSET, ExportError, PartSignature, describe_part, export_part, with_metadata
@@ -33,7 +33,8 @@ from export.parity import (
     reference_outputs,
 )
 from export.provenance import exporter_info
-from export.repository import Repository
+from export.repository import Repository, check_keep
+from training.files import write_bytes_durable
 
 DEFAULT_MAX_BATCH = 64
 CHECKPOINT_CHOICES = ("auto", "last", "best")  # as training.checkpoint.find_checkpoint (not imported: torch)
@@ -63,15 +64,6 @@ class _PartExport:
 
 def graph_file(part: str, variant: str) -> str:
     return f"{part}.onnx" if variant == "fp32" else f"{part}.{variant}.onnx"
-
-
-def _latent_dim(signatures: dict[str, PartSignature], model: torch.nn.Module) -> int:
-    """The width of the latent the graphs take or give (decoder/generator input, else encoder output)."""
-    for part in ("decoder", "generator", "encoder"):
-        if part in signatures:
-            spec = signatures[part].inputs[0] if part != "encoder" else signatures[part].outputs[0]
-            return int(spec.shape[1])
-    return int(model.latent_dim)
 
 
 def _prior(model: Any) -> dict[str, Any] | None:
@@ -129,16 +121,17 @@ def _check_arguments(run_dir: Path, name: str | None, max_batch: int, keep: int 
         raise ValueError(f"checkpoint must be one of {', '.join(CHECKPOINT_CHOICES)}, not {checkpoint!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max batch must be a positive integer, got {max_batch!r}")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise ValueError(f"keep must be a positive integer (versions to keep), got {keep!r}")
+    if keep is not None:
+        check_keep(keep)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist; pass the --out directory of genserve-train")
     if name is not None:
         validate_model_name(name)
 
 
-def _latent_dim_hint(model: Any) -> int:
-    """The input width of decoders and generators: the prior's dimension, else model.latent_dim."""
+def _latent_dim(model: Any) -> int:
+    """The width of the latents the graphs take or give (decoder and generator inputs, encoder
+    outputs): the prior's dimension, else model.latent_dim."""
     prior = _prior(model)
     if prior and isinstance(prior.get("dim"), int):
         return int(prior["dim"])
@@ -231,11 +224,12 @@ def export_run(
         raise ExportError(f"{model.kind} returned no servable parts; nothing to export")
 
     batches, providers = parity_batches(max_batch), providers_to_check()
+    latent_dim = _latent_dim(model)
     exports: dict[str, _PartExport] = {}
     for part, module in parts.items():
         say(f"exporting {part}")
         exports[part] = export_part_checked(
-            part, module, image_shape, _latent_dim_hint(model),
+            part, module, image_shape, latent_dim,
             batches=batches, providers=providers, fp16=fp16,
             tolerance=tolerance, fp16_tolerance=fp16_tolerance, opset=opset,
         )
@@ -247,7 +241,7 @@ def export_run(
         kind=model.kind,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         image_shape=image_shape,
-        latent_dim=_latent_dim({part: e.signature for part, e in exports.items()}, model),
+        latent_dim=latent_dim,
         prior=_prior(model),
         dataset=dataset,
         class_names=info.get("class_names"),

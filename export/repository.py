@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from export.files import dump_json, fsync_dir, sha256_file, write_bytes_durable
+from export.files import dump_json, sha256_file
 from export.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -39,6 +39,7 @@ from export.manifest import (
 )
 from export.naming import validate_model_name
 from export.reading import read_regular, sha256_regular, unsafe_directory_reason
+from training.files import fsync_dir, fsync_file, write_atomic, write_bytes_durable  # no torch
 
 STAGING_PREFIX = ".staging-"
 REMOVING_PREFIX = ".removing-"
@@ -69,6 +70,13 @@ def _check_version(version: int) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"a version is a positive integer, got {version!r}")
     return version
+
+
+def check_keep(keep: int) -> int:
+    """`keep` (how many of the newest versions retention keeps) if it is a positive integer, else ValueError."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be a positive integer (the newest versions to keep), got {keep!r}")
+    return keep
 
 
 class Repository:
@@ -289,8 +297,7 @@ class Repository:
                 raise RepositoryError(f"builder wrote {MANIFEST_NAME} itself; the repository writes it")
             if not path.is_file() or path.is_symlink():
                 raise RepositoryError(f"builder wrote {path.name}, which is not a plain file; versions are flat")
-            with open(path, "rb") as f:  # durable regardless of how the builder wrote it
-                os.fsync(f.fileno())
+            fsync_file(path)  # durable regardless of how the builder wrote it
             files[path.name] = FileEntry(sha256_file(path), path.stat().st_size)
         manifest = manifest.with_files(files)
         Manifest.from_dict(json.loads(manifest.to_json()), f"manifest of {name} version {version}")  # schema
@@ -304,8 +311,7 @@ class Repository:
         Never removed: the kept ones, versions in `protect`, versions any server marked with
         mark_serving, and anything newer than the oldest kept version (e.g. an invalid newer one).
         """
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive integer (the newest versions to keep), got {keep!r}")
+        check_keep(keep)
         protected = {_check_version(v) for v in protect} | self.serving_versions(name)
         statuses = self.status(name)
         kept = [s.version for s in statuses if s.valid][-keep:]
@@ -365,10 +371,7 @@ class Repository:
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         final = marks / f"{holder}.json"
-        tmp = marks / f".{holder}.json.tmp-{secrets.token_hex(4)}"
-        write_bytes_durable(tmp, dump_json(data))
-        os.replace(tmp, final)
-        fsync_dir(marks)
+        write_atomic(final, dump_json(data))
         return final
 
     def clear_serving(self, name: str, holder: str = "default") -> None:

@@ -17,13 +17,12 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from training.files import ConfigFileError, read_config_mapping  # standard library and PyYAML only
 
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -296,27 +295,17 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> ServerConfig:
-    """ServerConfig from a YAML (.yaml/.yml) or TOML (.toml) file, then `overrides` (CLI flags) on top.
+    """ServerConfig from a YAML (.yaml/.yml/.json) or TOML (.toml) file, then `overrides` (CLI flags) on top.
 
     Overrides that are None are ignored; dict overrides are merged into the file's section.
     The result is validated.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
         try:
-            text = path.read_text()
-        except OSError as error:
-            raise ConfigError(f"cannot read config file {path}: {error}") from error
-        try:
-            if path.suffix == ".toml":
-                data = tomllib.loads(text)
-            elif path.suffix in (".yaml", ".yml"):
-                data = yaml.safe_load(text) or {}
-            else:
-                raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
-        except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-            raise ConfigError(f"config file {path} is not valid: {error}") from error
+            data = read_config_mapping(path)
+        except ConfigFileError as error:
+            raise ConfigError(str(error)) from error
     for key, value in overrides.items():
         if isinstance(value, dict):  # nested settings (tls, limits, defaults): merge key by key
             value = {k: v for k, v in value.items() if v is not None}

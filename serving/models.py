@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export import InvalidNameError, Manifest, PartSpec, Repository, validate_model_name
+from export import InvalidNameError, Manifest, PartSpec, Repository, sanitize_name, validate_model_name
 from export.manifest import PART_NAMES, RepositoryError
 from serving.batcher import DynamicBatcher, Timing
 from serving.config import ModelSettings, ServerConfig
@@ -156,9 +156,7 @@ def check_declared_shapes(what: str, spec: PartSpec, session: GraphSession, max_
 
 def holder_name(host: str, port: int) -> str:
     """A serving-mark holder name for this server (a valid model name)."""
-    raw = re.sub(r"[^a-z0-9._-]+", "-", f"genserve-{host}-{port}".lower())
-    raw = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", raw))
-    return validate_model_name(raw.strip("-.")[:128])
+    return sanitize_name(f"genserve-{host}-{port}", "serving holder name")
 
 
 def split_oip_name(oip_name: str) -> tuple[str, str]:

@@ -32,6 +32,7 @@ from export import (
     default_model_name,
     graph_metadata,
     keep_versions,
+    sanitize_name,
     validate_model_name,
 )
 from export.repository import REMOVING_PREFIX, STAGING_PREFIX
@@ -125,6 +126,25 @@ def test_default_model_name() -> None:
     assert default_model_name("vae", "mnist") == "mnist-vae"
     assert default_model_name("vae", "mnist-5k") == "mnist-5k-vae"
     assert default_model_name("dense-vae", "CelebA 64") == "celeba-64-dense-vae"
+    assert default_model_name("vae", "my data...set/") == "my-data.set-vae"  # single '.' and '-'
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        ("genserve-127.0.0.1-8001", "genserve-127.0.0.1-8001"),
+        ("genserve-[::1]-8001", "genserve-1-8001"),  # runs of other characters become one '-'
+        ("--My..Model__", "my.model"),
+        ("a" * 200, "a" * 128),
+    ],
+)
+def test_sanitize_name(raw: str, name: str) -> None:
+    assert sanitize_name(raw) == name
+
+
+def test_sanitize_name_with_nothing_left_says_so() -> None:
+    with pytest.raises(InvalidNameError, match="invalid serving holder name '': it is empty"):
+        sanitize_name("///", "serving holder name")
 
 
 # --- publishing and listing ---------------------------------------------------------------------

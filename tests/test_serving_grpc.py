@@ -30,12 +30,13 @@ from test_serving_support import (
     wait_until,
 )
 
+from clients import codec  # the tests call the server as a client does
 from export import Repository
-from serving import codec
 from serving.config import Limits
 from serving.protos import genserve_pb2 as pb
 from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
 from serving.protos import grpc_service_pb2 as ip
+from serving.wire import to_uint8
 
 KINDS = registered_kinds()
 SAMPLERS = [k for k in KINDS if k in ("vae", "dense-vae", "gan", "dcgan", "aae")]  # kinds with a prior
@@ -221,11 +222,11 @@ def test_generate_image_formats(genserve) -> None:
     request.output_format = pb.IMAGE_FORMAT_UINT8
     as_uint8 = genserve.Generate(request).images
     assert as_uint8.tensor.dtype == pb.DATA_TYPE_UINT8 and list(as_uint8.tensor.shape) == [3, *IMAGE_SHAPE]
-    np.testing.assert_array_equal(codec.tensor_to_array(as_uint8.tensor, "x"), codec.to_uint8(floats))
+    np.testing.assert_array_equal(codec.tensor_to_array(as_uint8.tensor, "x"), to_uint8(floats))
     request.output_format = pb.IMAGE_FORMAT_PNG
     as_png = genserve.Generate(request).images
     assert len(as_png.png.png) == 3 and all(p.startswith(b"\x89PNG") for p in as_png.png.png)
-    np.testing.assert_array_equal(codec.to_uint8(codec.images_from_proto(as_png)), codec.to_uint8(floats))
+    np.testing.assert_array_equal(to_uint8(codec.images_from_proto(as_png)), to_uint8(floats))
 
 
 def test_generate_with_latents_and_temperature(server, genserve, direct) -> None:

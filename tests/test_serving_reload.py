@@ -23,8 +23,8 @@ from test_serving_support import (
     wait_until,
 )
 
+from clients import codec  # the tests call the server as a client does
 from export import Manifest, Repository
-from serving import codec
 from serving.models import ModelManager
 from serving.protos import genserve_pb2 as pb
 from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc

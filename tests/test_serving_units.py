@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clients import codec as client_codec
 from serving import codec, latents, protos_build
 from serving.batcher import DynamicBatcher
 from serving.calls import ServerState
@@ -101,16 +102,16 @@ def test_images_round_trip(encoding: str) -> None:
     pixels = rng.integers(0, 256, (3, *SHAPE), dtype=np.uint8)
     floats = pixels.astype(np.float32) / 255
     if encoding == "raw-uint8":
-        message = codec.images_to_proto(pixels)
+        message = client_codec.images_to_proto(pixels)
     elif encoding == "raw-float32":
-        message = codec.images_to_proto(floats)
+        message = client_codec.images_to_proto(floats)
     else:
-        message = codec.images_to_proto(pixels, "png")
+        message = client_codec.images_to_proto(pixels, "png")
     decoded = codec.decode_images(message, SHAPE, max_images=10)
     assert decoded.dtype == np.float32 and decoded.shape == (3, *SHAPE)
     np.testing.assert_allclose(decoded, floats, atol=1e-7)
     for image_format in (pb.IMAGE_FORMAT_FLOAT32, pb.IMAGE_FORMAT_UINT8, pb.IMAGE_FORMAT_PNG):
-        again = codec.images_from_proto(codec.encode_images(decoded, image_format))
+        again = client_codec.images_from_proto(codec.encode_images(decoded, image_format))
         np.testing.assert_allclose(again, floats, atol=1e-6)
 
 

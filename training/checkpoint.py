@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training.config import TrainConfig
+from training.files import fsync_dir, fsync_file, write_atomic
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -39,29 +40,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to path via a temp file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 # --- optimizer and RNG state <-> (tensors, JSON) ------------------------------------------------
@@ -137,7 +118,7 @@ def _write_checkpoint_dir(
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "optimizers": optimizer_meta}, indent=2, sort_keys=True))
     for name in _FILES:
-        _fsync_file(tmp / name)
+        fsync_file(tmp / name)
     fsync_dir(tmp)
     if final.exists():  # replace: move the old one aside first so the name is never empty of a whole checkpoint
         old = final.with_name(f".old-{final.name}-{os.getpid()}")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from training.files import read_config_mapping
 
 
 @dataclass
@@ -93,15 +92,4 @@ class TrainConfig:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Read a YAML or TOML config file into a dict of TrainConfig fields (dashes become underscores)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        values = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml", ".json"):
-        values = yaml.safe_load(text) or {}
-    else:
-        raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
-    if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option names to values")
-    return {key.replace("-", "_"): value for key, value in values.items()}
+    return {key.replace("-", "_"): value for key, value in read_config_mapping(path).items()}

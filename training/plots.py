@@ -1,9 +1,14 @@
-"""Drawing: every picture genserve writes is made by one of these functions (matplotlib, PNG)."""
+"""Drawing: every picture genserve writes is made by one of these functions (matplotlib, PNG).
+
+Images are (N, C, H, W) torch tensors or numpy arrays in [0, 1]. This module imports no torch, so
+the client's command line draws its pictures with it without loading torch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,18 +17,29 @@ import matplotlib.lines  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+    Images = torch.Tensor | np.ndarray
 
 
-def tile(images: torch.Tensor, ncols: int, pad: int = 2) -> np.ndarray:
+def _pixels(images: Images) -> np.ndarray:
+    """float32 numpy copy of `images`, clipped to [0, 1] (torch tensors are detached and moved to the CPU)."""
+    if hasattr(images, "detach"):  # a torch tensor, recognised without importing torch
+        images = images.detach().float().cpu().numpy()
+    return np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+
+
+def tile(images: Images, ncols: int, pad: int = 2) -> np.ndarray:
     """(N, C, H, W) in [0, 1] -> one (rows*H, ncols*W) or (..., 3) array with `pad` pixels between tiles."""
-    images = images.detach().float().cpu().clamp(0, 1)
+    images = _pixels(images)
     n, c, h, w = images.shape
     nrows = -(-n // ncols)
     canvas = np.ones((c, nrows * (h + pad) - pad, ncols * (w + pad) - pad), dtype=np.float32)
     for i in range(n):
         r, col = divmod(i, ncols)
-        canvas[:, r * (h + pad) : r * (h + pad) + h, col * (w + pad) : col * (w + pad) + w] = images[i].numpy()
+        canvas[:, r * (h + pad) : r * (h + pad) + h, col * (w + pad) : col * (w + pad) + w] = images[i]
     return canvas[0] if c == 1 else canvas.transpose(1, 2, 0)
 
 
@@ -40,14 +56,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def image_grid(path: Path, images: torch.Tensor, title: str, ncols: int = 8) -> Path:
+def image_grid(path: Path, images: Images, title: str, ncols: int = 8) -> Path:
     fig, ax = plt.subplots(figsize=(ncols * 0.75 + 0.5, -(-len(images) // ncols) * 0.75 + 0.6))
     _show(ax, tile(images, ncols))
     ax.set_title(title)
     return _save(fig, path)
 
 
-def image_rows(path: Path, rows: Sequence[tuple[str, torch.Tensor]], title: str) -> Path:
+def image_rows(path: Path, rows: Sequence[tuple[str, Images]], title: str) -> Path:
     """Rows of images, each labelled on the left (originals / reconstructions, clean / noisy / denoised)."""
     ncols = max(len(images) for _, images in rows)
     fig, axes = plt.subplots(len(rows), 1, figsize=(ncols * 0.75 + 1.5, len(rows) * 0.9 + 0.6), squeeze=False)
@@ -196,7 +212,7 @@ def latent_scatter(
 
 def manifold(
     path: Path,
-    images: torch.Tensor,
+    images: Images,
     x_values: Sequence[float],
     y_values: Sequence[float],
     title: str,

@@ -9,7 +9,6 @@ import io
 import os
 import pickle
 import tarfile
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -23,6 +22,7 @@ from PIL import Image
 from training.cache import cache_dir
 from training.data.errors import DatasetError, DatasetMissingError, fix_command
 from training.data.types import ImageDataset
+from training.files import atomic_write
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"})
@@ -267,15 +267,8 @@ def cached(source: Path, build: Callable[[], dict[str, np.ndarray]]) -> dict[str
     arrays = build()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as tmp:
-            try:
-                np.savez(tmp, **arrays)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            except BaseException:
-                os.unlink(tmp.name)
-                raise
-        os.replace(tmp.name, path)  # readers see the old file or the whole new one, never a partial one
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:  # readers see the old file or the whole new one
+            np.savez(f, **arrays)  # a file object: given a name, savez would add ".npz" to it
     except OSError as err:  # a read-only or full cache dir only costs speed next time
         warnings.warn(f"could not write the decode cache {path}: {err}; set GENSERVE_CACHE", stacklevel=2)
     return arrays

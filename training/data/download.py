@@ -23,6 +23,7 @@ from pathlib import Path
 
 from training.data.errors import ChecksumError, DatasetError, DownloadError
 from training.data.registry import resolve_data_dir
+from training.files import fsync_dir
 
 USER_AGENT = "genserve-data/0.1 (+urllib)"
 CHUNK = 1 << 20
@@ -377,7 +378,7 @@ def fetch_verified(
         os.replace(dest, kept)
         log(f"{dest} failed its checksum; kept it as {kept}")
     os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     log(f"{dest}: {check.detail}")
     return dest
 
@@ -467,17 +468,3 @@ def _free_name(path: Path) -> Path:
     while candidate.exists():
         candidate, n = path.with_name(f"{path.name}.{n}"), n + 1
     return candidate
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable; some platforms cannot open directories, which is fine to skip."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from torch import nn
 
 from training.cache import cache_dir
 from training.data.types import ImageDataset
+from training.files import atomic_write
 
 log = logging.getLogger("genserve.eval")
 
@@ -123,16 +122,9 @@ def train_classifier(dataset: ImageDataset, device: str | torch.device = "cpu") 
 
 def _save_atomic(path: Path, model: DomainClassifier, metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}", suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp_path), metadata=metadata)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)  # a reader sees no file or the whole file, never a partial one
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:  # a reader sees no file or the whole file, never a partial one
+        save_file(weights, str(tmp), metadata=metadata)
 
 
 def _load(path: Path, dataset: ImageDataset, device: torch.device) -> tuple[DomainClassifier, float] | None:
