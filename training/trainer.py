@@ -268,6 +268,7 @@ class Trainer:
                     writer.add_scalar(f"train_step/{key}", value, self.state.step)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in means.items() if k in ("loss", "recon", "kl", "d_loss", "g_loss")})
                 window, window_steps = {}, 0
+        self.model.end_of_epoch()  # on every rank, so that all of them keep the same model
         steps = len(self.train_loader)
         return {key: (value / steps).item() for key, value in self.dist.mean_over_ranks(sums).items()}
 
@@ -301,7 +302,6 @@ class Trainer:
                 # train one epoch, then measure it on the test set
                 started = time.perf_counter()
                 train = self.train_epoch(epoch, writer)
-                self.model.end_of_epoch()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - started
