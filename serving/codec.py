@@ -9,6 +9,7 @@ NCHW in [0, 1].
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
