@@ -138,7 +138,11 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path: Path) -
 def test_every_rank_ends_with_the_same_weights(tmp_path: Path, model: str, options: list[str]) -> None:
     run_dir, audit = train(tmp_path, model, 2, model, "--epochs", "1", *options)
     final = rank_weights(audit, 0)
-    assert_same_weights(rank_weights(audit, 1), final)
+    # Parameters agree bitwise. Batch-norm statistics (the default GAN's generator) are each rank's own
+    # on CPUs, where gloo has no SyncBatchNorm; rank 0's are the ones saved.
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    ranks_agree = {k: v for k, v in final.items() if not (k.endswith(statistics) and k.startswith("generator."))}
+    assert_same_weights({k: rank_weights(audit, 1)[k] for k in ranks_agree}, ranks_agree)
     assert_same_weights(checkpoint_weights(run_dir), final)
     if model == "vae":
         assert "log_sigma" in final  # the parameter outside every network was averaged too

@@ -139,7 +139,12 @@ class Distributed:
                 f"--batch-size {config.batch_size} is the global batch and must divide evenly over "
                 f"{self.world_size} processes; use a multiple of {self.world_size}"
             )
-        if getattr(config, "balance", False):
+        from training.models import model_class
+
+        balance = getattr(config, "balance", None)
+        if balance is None:  # the kind's default (on for the gan-balanced preset)
+            balance = getattr(model_class(config.model), "default_balance", False)
+        if balance:
             raise ValueError(
                 "--balance decides from each rank's own losses whether to update a player, so the ranks "
                 "would disagree and their gradient averaging would deadlock; train without --balance "
