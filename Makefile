@@ -44,8 +44,9 @@ demo: install
 serve: install
 	$(BIN)/genserve-serve --repository $(REPO) --port $(PORT) --metrics-port $(METRICS_PORT)
 
+# TESTS: run only these test files (default: the whole suite).
 test: install system-packages-test
-	$(BIN)/python -m pytest -q --timeout 600
+	$(BIN)/python -m pytest -q --timeout 600 $(TESTS)
 
 image: install system-packages-test
 	bash docker/build-image.sh $(ORT)

@@ -136,10 +136,14 @@ if [[ $ort == cpu ]]; then
         compgen -G "$wheelhouse/torch-2.13.0+cpu-*.whl" >/dev/null \
             || fail "pip download torch==2.13.0 gave $(ls "$wheelhouse"), not the CPU wheel (torch-2.13.0+cpu-*.whl); put that wheel into $wheelhouse"
     fi
-    # Only the torch wheel goes into the wheelhouse image (anything else there stays out).
-    say "wheelhouse image genserve-wheelhouse:local from $wheelhouse"
-    docker build -q -t genserve-wheelhouse:local -f - "$wheelhouse" >/dev/null <<<'FROM scratch
+    # Only the torch wheel goes into the wheelhouse image (anything else there stays out). It is
+    # rebuilt only when the wheel changed: sending 200 MB to the engine takes a while on a busy machine.
+    wheels=$(cd "$wheelhouse" && stat -c '%n:%s' torch-2.13.0+cpu-*.whl | tr '\n' ' ')
+    if [[ $(docker image inspect -f '{{index .Config.Labels "genserve.wheels"}}' genserve-wheelhouse:local 2>/dev/null) != "$wheels" ]]; then
+        say "wheelhouse image genserve-wheelhouse:local from $wheelhouse"
+        docker build -q -t genserve-wheelhouse:local --label "genserve.wheels=$wheels" -f - "$wheelhouse" >/dev/null <<<'FROM scratch
 COPY torch-2.13.0+cpu-*.whl /'
+    fi
     build_args+=(--build-arg WHEELHOUSE=genserve-wheelhouse:local)
 else
     build_args+=(--build-arg TORCH_INDEX_URL=https://pypi.org/simple)

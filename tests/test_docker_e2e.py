@@ -17,6 +17,7 @@ GENSERVE_DOCKER_CACHE/e2e-timings.jsonl; docs/deployment.md records measured one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -187,7 +188,13 @@ class Stack:
     def server_events(self, container: str) -> list[dict]:
         """The server's JSON log lines (stderr; the bootstrap's training output is plain text)."""
         logs = self.engine.docker("logs", container)
-        return [json.loads(line) for line in (logs.stdout + logs.stderr).splitlines() if line.startswith("{")]
+        events = []
+        for line in (logs.stdout + logs.stderr).splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and "event" in entry:
+                    events.append(entry)
+        return events
 
     def wait(self, predicate, timeout: float, what: str, container: str):
         deadline = time.monotonic() + timeout
