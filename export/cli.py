@@ -5,10 +5,31 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from export.manifest import MANIFEST_NAME, VARIANTS, RepositoryError
-from export.pipeline import CHECKPOINT_CHOICES, DEFAULT_MAX_BATCH, ExportResult
 from training.cli import INTERRUPTED
+
+if TYPE_CHECKING:
+    from export.pipeline import ExportResult
+
+
+# Both extras install the module `onnxruntime`; a bare `pip install genserve` installs neither.
+ONNXRUNTIME_MISSING = (
+    "onnxruntime is not installed: install genserve with an onnxruntime extra, "
+    "`pip install 'genserve[cpu]'` (onnxruntime) or `pip install 'genserve[gpu]'` (onnxruntime-gpu)"
+)
+
+
+def missing_onnxruntime() -> str | None:
+    """ONNXRUNTIME_MISSING when no onnxruntime can be imported (genserve-export and genserve-serve need it), else None."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ModuleNotFoundError as error:
+        if error.name == "onnxruntime":
+            return ONNXRUNTIME_MISSING
+        raise
+    return None
 
 
 def _positive(text: str) -> int:
@@ -22,6 +43,9 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # export.pipeline imports onnxruntime: only after main() has checked that it is installed.
+    from export.pipeline import CHECKPOINT_CHOICES, DEFAULT_MAX_BATCH
+
     parser = argparse.ArgumentParser(
         prog="genserve-export",
         description="Export a trained run's servable parts to ONNX, check them against PyTorch, and "
@@ -84,6 +108,9 @@ def report(result: ExportResult) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if (missing := missing_onnxruntime()) is not None:
+        print(f"genserve-export: error: {missing}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     from export.onnx_export import ExportError
     from export.parity import ParityError

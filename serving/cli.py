@@ -16,9 +16,9 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from export.cli import missing_onnxruntime
 from serving.config import ConfigError, load_config
 from serving.logs import configure_logging, log_event
-from serving.runtime import GpuRequiredError
 
 STARTUP_FAILED = 1
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if (missing := missing_onnxruntime()) is not None:
+        print(f"genserve-serve: error: {missing}", file=sys.stderr)
+        return 2
     overrides = {
         k: v for k, v in vars(args).items() if k not in ("config", "no_metrics", "tls_cert", "tls_key", "tls_client_ca")
     }
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_metrics:
         config = dataclasses.replace(config, metrics_port=None)
     configure_logging(config.log_json, config.log_level)
-    from serving.server import StartupError, serve  # imports onnxruntime and the generated code
+    from serving.runtime import GpuRequiredError  # imports onnxruntime: only once it is known to be there
+    from serving.server import StartupError, serve  # imports the generated code
 
     try:
         return run_event_loop(serve(config), config.event_loop)
