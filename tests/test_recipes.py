@@ -36,6 +36,17 @@ def tiny_dataset(n_train: int = 64, n_test: int = 32) -> ImageDataset:
     return ImageDataset("tiny", images[:n_train], labels[:n_train], images[n_train:], labels[n_train:], names)
 
 
+def trained_dcgan(steps: int):
+    """The default DCGAN after `steps` training steps on one random batch."""
+    torch.manual_seed(0)
+    model = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan"))
+    images = torch.rand(8, 1, 28, 28)
+    optimizers = model.configure_optimizers()
+    for step in range(steps):
+        model.train_step(Batch(images, images), optimizers, StepContext(step, 0.0, contextlib.nullcontext))
+    return model
+
+
 def test_every_preset_names_an_existing_default() -> None:
     kinds = model_kinds()
     defaults = model_kinds(presets=False)
@@ -101,12 +112,7 @@ def test_minibatch_stddev_feature() -> None:
 
 
 def test_averaged_generator_gets_its_own_batch_norm_statistics() -> None:
-    torch.manual_seed(0)
-    model = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan"))
-    images = torch.rand(8, 1, 28, 28)
-    optimizers = model.configure_optimizers()
-    for step in range(5):
-        model.train_step(Batch(images, images), optimizers, StepContext(step, 0.0, contextlib.nullcontext))
+    model = trained_dcgan(5)
     norms = [m for m in model.generator_ema.modules() if isinstance(m, nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in norms]
     rng = torch.get_rng_state()
@@ -171,12 +177,7 @@ def test_trainer_follows_the_schedule(tmp_path) -> None:
 
 
 def test_ema_generator_is_what_samples_and_exports(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan"))
-    images = torch.rand(8, 1, 28, 28)
-    optimizers = model.configure_optimizers()
-    for step in range(30):
-        model.train_step(Batch(images, images), optimizers, StepContext(step, 0.0, contextlib.nullcontext))
+    model = trained_dcgan(30)
     live = dict(model.generator.named_parameters())
     averaged = dict(model.generator_ema.named_parameters())
     assert set(live) == set(averaged) and not all(torch.equal(live[k], averaged[k]) for k in live)
