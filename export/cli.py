@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from export.manifest import MANIFEST_NAME, VARIANTS, RepositoryError
-from training.cli import INTERRUPTED
 
 if TYPE_CHECKING:
     from export.pipeline import ExportResult
@@ -137,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # whole, so an interrupt leaves either no new version or a complete one.
         print(f"genserve-export: interrupted; {args.repository} holds no partial version (versions appear "
               "only when complete); run the same command again to export", file=sys.stderr)
+        from training.cli import INTERRUPTED  # here: the server imports this module, and no more of training
+
         return INTERRUPTED
     for warning in result.warnings:
         print(f"genserve-export: warning: {warning}", file=sys.stderr)

@@ -78,7 +78,7 @@ def test_encode_reconstruct_denoise_interpolate(client: GenserveClient, digits: 
     vae = client.encode("mnist-vae", digits)
     assert vae.mean.shape == vae.logvar.shape == (4, 16) and vae.codes is None and vae.latents is vae.mean
     ae = client.encode("mnist-ae", digits[0])  # one (C, H, W) image is a batch of one
-    assert ae.codes.shape == (1, 128) and ae.mean is None
+    assert ae.codes.shape == (1, 196) and ae.mean is None  # the 7x7x4 code
     mean = client.reconstruct("mnist-vae", digits)
     np.testing.assert_array_equal(mean.images, client.generate("mnist-vae", latents=vae.mean).images)
     sampled = client.reconstruct("mnist-vae", digits, sample=True, seed=1)

@@ -242,7 +242,7 @@ def test_genserve_eval_updates_metrics_json(mnist_5k: ImageDataset, tmp_path, ca
     after = json.loads((run_dir / "metrics.json").read_text())
     assert after["epochs"] == before["epochs"] and after["steps"] == before["steps"]
     final = after["final"]
-    assert final["fid_samples"] == 48 and final["fid_domain"] > 0 and final["eval_checkpoint"] == "epoch-000001"
+    assert final["fid_samples"] == 48 and final["fid_domain"] > 0 and final["eval_checkpoint"] == "best"  # auto: the GAN's best
     assert final["parzen_ll_nats"] == before["final"]["parzen_ll_nats"]  # untouched metrics are kept
     assert final["domain_classifier_accuracy"] == before["final"]["domain_classifier_accuracy"]
 

@@ -230,7 +230,7 @@ def test_generate_image_formats(genserve) -> None:
 
 
 def test_generate_with_latents_and_temperature(server, genserve, direct) -> None:
-    z = np.random.default_rng(0).standard_normal((4, 128)).astype(np.float32)
+    z = np.random.default_rng(0).standard_normal((4, 196)).astype(np.float32)
     response = genserve.Generate(pb.GenerateRequest(model="mnist-ae", latents=codec.array_to_tensor(z)))
     np.testing.assert_array_equal(codec.images_from_proto(response.images), direct("mnist-ae", "decoder", z)[0])
     hot = genserve.Generate(pb.GenerateRequest(model="mnist-vae", count=2, seed=3, temperature=2.0, return_latents=True))

@@ -200,7 +200,7 @@ def test_explicit_unload_and_load(repo: Repository) -> None:
     try:
         genserve = genserve_pb2_grpc.GenserveStub(server.channel())
         inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel())
-        z = codec.array_to_tensor(np.zeros((1, 128), np.float32))
+        z = codec.array_to_tensor(np.zeros((1, 196), np.float32))
         assert genserve.Generate(pb.GenerateRequest(model="mnist-ae", latents=z)).model.version == 1
         inference.RepositoryModelUnload(ip.RepositoryModelUnloadRequest(model_name="mnist-ae.decoder"))
         with pytest.raises(grpc.RpcError) as info:
