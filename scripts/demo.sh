@@ -88,7 +88,7 @@ client generate mnist-vae -n 64 --seed 1 -o "$out/samples.png"
 client reconstruct mnist-vae --dataset mnist-5k --split test --limit 16 -o "$out/reconstructions.png"
 client denoise mnist-dae --dataset mnist-5k --split test --limit 16 --noise 0.5 --seed 1 -o "$out/denoised.png"
 client encode mnist-vae --dataset mnist-5k --split test --limit 500 -o "$out/latents.npy" --plot "$out/latents.png"
-client interpolate mnist-vae --dataset mnist-5k --offset 9 --steps 10 --spherical  # a 3 into a 0 -o "$out/interpolation.png"
+client interpolate mnist-vae --dataset mnist-5k --offset 9 --steps 10 --spherical -o "$out/interpolation.png"  # a 3 into a 0
 
 step "5/6 metrics (all of them in $out/metrics.txt)"
 python -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
