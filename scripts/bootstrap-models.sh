@@ -11,7 +11,7 @@
 #
 # Environment (defaults are the settings of `make demo`):
 #   GENSERVE_MODELS="vae dae"   which of the two to train and publish
-#   DEMO_EPOCHS=20              epochs per model
+#   DEMO_EPOCHS=15              epochs per model
 #   GENSERVE_BATCH_SIZE=32      batch size
 #   GENSERVE_TRAIN_LIMIT=       use only the first N training images (unset: all 4,500)
 #   GENSERVE_NLL_K=50 GENSERVE_NLL_IMAGES=500   the VAE's final importance-sampled NLL
@@ -36,7 +36,7 @@ fi
 repository=$1
 runs=$2
 models=${GENSERVE_MODELS:-vae dae}
-epochs=${DEMO_EPOCHS:-20}
+epochs=${DEMO_EPOCHS:-15}
 common=(--dataset mnist-5k --epochs "$epochs" --batch-size "${GENSERVE_BATCH_SIZE:-32}"
         --device "${GENSERVE_DEVICE:-auto}")
 [[ -n "${GENSERVE_TRAIN_LIMIT:-}" ]] && common+=(--limit "$GENSERVE_TRAIN_LIMIT")

@@ -8,7 +8,7 @@
 #   6. stop the server with SIGTERM and check that it exited 0
 #
 # Environment: DEMO_DIR (default runs/demo, relative to the current directory; wiped first),
-# DEMO_EPOCHS (default 20), GENSERVE_BIN (the venv's bin directory; default: PATH, else .venv/bin),
+# DEMO_EPOCHS (default 15), GENSERVE_BIN (the venv's bin directory; default: PATH, else .venv/bin),
 # DEMO_SERVER_TIMEOUT (seconds to wait for the server, default 180).
 set -euo pipefail
 
@@ -24,7 +24,7 @@ for tool in genserve-train genserve-export genserve-serve genserve-client python
 done
 
 demo_dir=$(realpath -m "${DEMO_DIR:-runs/demo}")
-export DEMO_EPOCHS=${DEMO_EPOCHS:-20}
+export DEMO_EPOCHS=${DEMO_EPOCHS:-15}
 timeout_s=${DEMO_SERVER_TIMEOUT:-180}
 case "$demo_dir" in
     / | "$ROOT" | "$HOME" | "$(dirname "$ROOT")") echo "demo: refusing to wipe DEMO_DIR=$demo_dir" >&2; exit 2 ;;
