@@ -16,13 +16,14 @@ and every file whose chunks have all arrived is joined, checked against its SHA-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from export.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CALL_LIMIT_MIB = 64  # what one device call carries, working tree included
@@ -53,14 +54,6 @@ class CarriedFile:
     size: int
     sha256: str
     chunks: list[Chunk] = field(default_factory=list)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dataset_files(data_dir: Path, names: tuple[str, ...] = DATASETS) -> dict[str, Path]:
@@ -118,7 +111,7 @@ def plan_parts(groups: list[dict[str, Path]], part_bytes: int) -> list[CarriedFi
             part, used = part + 1, 0
         for relative, source in group.items():
             size = source.stat().st_size
-            item = CarriedFile(relative, size, sha256_of(source))
+            item = CarriedFile(relative, size, sha256_file(source))
             offset = 0
             while offset < size or not item.chunks:
                 if used >= part_bytes:
@@ -196,7 +189,7 @@ def stage(part: Path, stage_dir: Path = DEFAULT_STAGE) -> dict[str, list[str]]:
         with open(partial, "wb") as out:
             for chunk in item.chunks:
                 out.write((chunks_dir / chunk.name).read_bytes())
-        if partial.stat().st_size != item.size or sha256_of(partial) != item.sha256:
+        if partial.stat().st_size != item.size or sha256_file(partial) != item.sha256:
             partial.unlink()
             raise CarryError(f"{item.path} arrived damaged (size or SHA-256 differs); pack and carry its parts again")
         partial.replace(target)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 from PIL import Image
-from test_serving_support import RunningServer, server_config, wait_until
+from test_serving_support import RunningServer, hpack_literal, http2_frame, server_config, wait_until
 
 from export import Manifest, ManifestError, PartSpec, Repository, TensorSpec, VariantSpec
 from serving import codec
@@ -207,14 +207,6 @@ def test_requests_without_the_token_are_refused_before_their_body(repo: Reposito
 
 
 # --- High 2, Medium 8: receiving requests, connection limits --------------------------------------
-def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
-
-
-def _hpack_literal(name: str, value: str) -> bytes:
-    """A literal header field without indexing, new name, no Huffman (lengths < 127)."""
-    n, v = name.encode(), value.encode()
-    return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
 
 
 def _frames_until(sock: socket.socket, done, seconds: float = 20.0) -> list[tuple[int, int, int]]:
@@ -252,12 +244,12 @@ def test_stalled_and_empty_requests_are_ended_and_idle_connections_closed(repo: 
         # a stream that declares a 4 MiB message, sends 1 MiB of it and stalls: ended, its bytes dropped
         stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
         sockets.append(stalled)
-        headers = b"".join(_hpack_literal(k, v) for k, v in (
+        headers = b"".join(hpack_literal(k, v) for k, v in (
             (":method", "POST"), (":scheme", "http"), (":path", "/genserve.v1.Genserve/Encode"),
             (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"), ("te", "trailers")))
-        stalled.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0, 0, b"") + _frame(0x1, 0x4, 1, headers))
+        stalled.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + http2_frame(0x4, 0, 0, b"") + http2_frame(0x1, 0x4, 1, headers))
         part = b"\x00" + struct.pack(">I", 4 * MiB) + b"\x00" * (16 * 1024 - 5)
-        stalled.sendall(_frame(0x0, 0, 1, part))  # within the initial 64 KiB window
+        stalled.sendall(http2_frame(0x0, 0, 1, part))  # within the initial 64 KiB window
         frames = _frames_until(stalled, _stream_ended(1))
         assert _stream_ended(1)(frames), f"the stalled stream was never ended: {frames}"
         with server.channel() as channel:
@@ -279,7 +271,7 @@ def test_stalled_and_empty_requests_are_ended_and_idle_connections_closed(repo: 
         # an idle connection is told to go away (GOAWAY) once connection_idle_timeout_s passes
         idle = socket.create_connection(("127.0.0.1", port), timeout=5)
         sockets.append(idle)
-        idle.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0, 0, b""))
+        idle.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + http2_frame(0x4, 0, 0, b""))
         frames = _frames_until(idle, lambda fs: any(k in (0x7, -1) for k, _, _ in fs), seconds=30)
         assert any(k in (0x7, -1) for k, _, _ in frames), f"an idle connection was kept open: {frames}"
         wait_until(lambda: server.server.state.in_flight == 0, what="no call left in flight")

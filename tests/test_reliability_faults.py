@@ -30,6 +30,8 @@ from test_serving_support import (
     RunningServer,
     copy_repository,
     golden_repository,  # noqa: F401 - a fixture
+    hpack_literal,
+    http2_frame,
     publish_copy,
     server_config,
     serving_process,
@@ -329,14 +331,6 @@ def test_unreadable_repository_keeps_serving_and_recovers(repo: Repository, capl
 
 
 # --- 6. slow and stalled clients ------------------------------------------------------------------
-def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
-
-
-def _hpack_literal(name: str, value: str) -> bytes:
-    """A literal header field without indexing, new name, no Huffman (lengths < 127)."""
-    n, v = name.encode(), value.encode()
-    return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
 
 
 class _FrameReader:
@@ -388,15 +382,15 @@ def test_stalled_clients_do_not_block_others(repo: Repository, caplog: pytest.Lo
         slow = socket.create_connection(("127.0.0.1", port), timeout=5)
         stalled.append(slow)
         message = pb.GenerateRequest(model=MODEL, count=64, seed=5).SerializeToString()
-        headers = b"".join(_hpack_literal(k, v) for k, v in (
+        headers = b"".join(hpack_literal(k, v) for k, v in (
             (":method", "POST"), (":scheme", "http"), (":path", "/genserve.v1.Genserve/Generate"),
             (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"), ("te", "trailers"),
             ("x-request-id", "stalled-reader")))
         slow.sendall(
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-            + _frame(0x4, 0, 0, struct.pack(">HI", 0x4, 0))  # SETTINGS_INITIAL_WINDOW_SIZE = 0
-            + _frame(0x1, 0x4, 1, headers)  # HEADERS, END_HEADERS
-            + _frame(0x0, 0x1, 1, b"\x00" + struct.pack(">I", len(message)) + message)  # DATA, END_STREAM
+            + http2_frame(0x4, 0, 0, struct.pack(">HI", 0x4, 0))  # SETTINGS_INITIAL_WINDOW_SIZE = 0
+            + http2_frame(0x1, 0x4, 1, headers)  # HEADERS, END_HEADERS
+            + http2_frame(0x0, 0x1, 1, b"\x00" + struct.pack(">I", len(message)) + message)  # DATA, END_STREAM
         )
         wait_until(lambda: any(e.get("request_id") == "stalled-reader" for e in _events(caplog, "rpc")),
                    what="the server to answer the stalled reader's call")
@@ -411,9 +405,9 @@ def test_stalled_clients_do_not_block_others(repo: Repository, caplog: pytest.Lo
         reader = _FrameReader(slow)
         reader.read(0.5)
         assert reader.frames and reader.data(1) == b"", "response data sent despite a zero window"
-        slow.sendall(_frame(0x4, 0x1, 0, b"")  # SETTINGS ACK
-                     + _frame(0x8, 0, 0, struct.pack(">I", 1 << 20))  # WINDOW_UPDATE: the connection
-                     + _frame(0x8, 0, 1, struct.pack(">I", 1 << 20)))  # and stream 1
+        slow.sendall(http2_frame(0x4, 0x1, 0, b"")  # SETTINGS ACK
+                     + http2_frame(0x8, 0, 0, struct.pack(">I", 1 << 20))  # WINDOW_UPDATE: the connection
+                     + http2_frame(0x8, 0, 1, struct.pack(">I", 1 << 20)))  # and stream 1
         end = time.monotonic() + 10
         while not (len(body := reader.data(1)) >= 5 and len(body) >= 5 + int.from_bytes(body[1:5], "big")):
             assert time.monotonic() < end, f"only {len(body)} bytes of the response arrived"

@@ -20,6 +20,7 @@ import os
 import queue
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -301,3 +302,15 @@ class LoggedProcess:
 def serving_process(*args: str) -> LoggedProcess:
     """`python -m serving.cli --log-json ARGS`, as the console script runs it, in the test environment."""
     return LoggedProcess([sys.executable, "-m", "serving.cli", "--log-json", *args], env=environment_for_subprocess())
+
+
+# --- raw HTTP/2 for the stalled-client tests (a client gRPC itself would never be) ------------------
+def http2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    """One HTTP/2 frame: 24-bit length, type, flags, 31-bit stream id, payload."""
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def hpack_literal(name: str, value: str) -> bytes:
+    """A literal header field without indexing, new name, no Huffman (lengths < 127)."""
+    n, v = name.encode(), value.encode()
+    return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
