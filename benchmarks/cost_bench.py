@@ -96,7 +96,7 @@ def _tests_on_path() -> None:
 def default_repository() -> Path:
     """.cache/cost-bench/<build format>-<sources key>/repo; repositories of older sources are removed."""
     _tests_on_path()
-    from test_serving_support import _sources_key
+    from helpers import _sources_key
 
     cache_root = ROOT / ".cache" / "cost-bench"
     key_dir = cache_root / f"{BUILD_FORMAT}-{_sources_key()}"
@@ -242,7 +242,7 @@ def response_bytes(address: str, w: Workload, deadline: float) -> int:
 
 def measure_server(repository: Path, cost: ModelCost, baseline_mib: float, workdir: Path, args: argparse.Namespace) -> None:
     _tests_on_path()
-    from test_serving_support import copy_repository
+    from helpers import copy_repository
 
     copy_repository(repository, workdir / "repo", [cost.model])  # one model per server: its memory is its own
     server = start_server(workdir / "repo", workdir)

@@ -500,7 +500,7 @@ def environment() -> dict[str, str]:
 def default_repository() -> Path:
     """The test suite's cached repository of tiny mnist-<kind> models (built on first use, a few minutes)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_serving_support import model_repository
+    from helpers import model_repository
 
     cache = ROOT / ".pytest_cache" / "d" / "genserve-serving-models"
     cache.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real datasets in ../shared/data and the embedded MNIST subset."""
+"""Shared fixtures: the real datasets in ../shared/data, the embedded MNIST subset, and the golden
+repository of every model kind exported (built by helpers.model_repository)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,15 @@ def shared_data() -> Path:
 def mnist_5k() -> ImageDataset:
     """The embedded 5,000-digit MNIST subset (4,500 train / 500 test), loaded once per session."""
     return load_dataset("mnist-5k")
+
+
+@pytest.fixture(scope="session")
+def golden_repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only: the cached repository with mnist-<kind> version 1 of every kind (see helpers.py)."""
+    from helpers import model_repository  # imported here: it loads the server, which most tests never need
+
+    try:
+        cache_root = Path(request.config.cache.mkdir("genserve-serving-models"))
+    except (AttributeError, OSError):  # no cache provider, or a read-only checkout
+        cache_root = tmp_path_factory.mktemp("genserve-serving-models")
+    return model_repository(cache_root)

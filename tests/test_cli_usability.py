@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_serving_support import RunningServer, environment_for_subprocess, server_config, serving_process
+from helpers import RunningServer, environment_for_subprocess, server_config, serving_process
 
 from training.cli import build_parser as train_parser
 from training.cli import main as train_main

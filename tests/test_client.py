@@ -13,14 +13,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
-from test_serving_support import (
+from helpers import (
     RunningServer,
     copy_repository,
     environment_for_subprocess,
-    golden_repository,  # noqa: F401 - a fixture
     server_config,
 )
+from PIL import Image
 
 from clients.cli import main as cli_main
 from clients.client import GenserveClient, GenserveError
@@ -29,7 +28,7 @@ NAMES = ["mnist-vae", "mnist-ae", "mnist-dae", "mnist-gan"]
 
 
 @pytest.fixture(scope="module")
-def repo_root(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def repo_root(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy_repository(golden_repository, tmp_path_factory.mktemp("client") / "repo", NAMES).root
 
 

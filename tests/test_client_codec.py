@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import environment_for_subprocess
 from PIL import Image
-from test_serving_support import environment_for_subprocess
 
 from clients import codec
 from clients.client import GenserveClient

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_serving_support import environment_for_subprocess
+from helpers import environment_for_subprocess
 
 from serving.config import ConfigError, load_config
 from training.config import read_config_file

@@ -24,9 +24,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from helpers import RunningServer, hpack_literal, http2_frame, server_config, wait_until
 from onnx import TensorProto, helper
 from PIL import Image
-from test_serving_support import RunningServer, hpack_literal, http2_frame, server_config, wait_until
 
 from export import Manifest, ManifestError, PartSpec, Repository, TensorSpec, VariantSpec
 from serving import codec

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_serving_support import (
+from helpers import (
     LoggedProcess,
     copy_repository,
     environment_for_subprocess,
-    golden_repository,  # noqa: F401 - a fixture
 )
 
 from clients.client import GenserveClient, GenserveError
@@ -53,7 +52,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def genserve(golden_repository: Path, tmp_path: Path) -> Iterator[tuple[LoggedProcess, str, int]]:  # noqa: F811
+def genserve(golden_repository: Path, tmp_path: Path) -> Iterator[tuple[LoggedProcess, str, int]]:
     """genserve-serve on 127.0.0.1 (any free ports) serving mnist-vae and mnist-dae."""
     repo = copy_repository(golden_repository, tmp_path / "repo", ["mnist-vae", "mnist-dae"])
     script = Path(sys.executable).parent / "genserve-serve"

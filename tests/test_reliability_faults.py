@@ -25,11 +25,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_serving_support import (
+from helpers import (
     LoggedProcess,
     RunningServer,
     copy_repository,
-    golden_repository,  # noqa: F401 - a fixture
     hpack_literal,
     http2_frame,
     publish_copy,
@@ -61,7 +60,7 @@ def start_server(repository: Path, port: int, *extra: str) -> LoggedProcess:
 
 
 @pytest.fixture
-def repo(golden_repository: Path, tmp_path: Path) -> Repository:  # noqa: F811
+def repo(golden_repository: Path, tmp_path: Path) -> Repository:
     return copy_repository(golden_repository, tmp_path / "repo", [MODEL])
 
 

@@ -18,14 +18,13 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from test_serving_support import (
+from helpers import (
     RunningServer,
     copy_repository,
-    golden_repository,  # noqa: F401 - a fixture
     server_config,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from serving.protos import genserve_pb2 as pb
 from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
@@ -68,7 +67,7 @@ def _count_cases(request: pytest.FixtureRequest):
 
 
 @pytest.fixture(scope="module")
-def server(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def server(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     repo = copy_repository(golden_repository, tmp_path_factory.mktemp("fuzz") / "repo", MODELS)
     running = RunningServer(server_config(repo.root)).start()
     yield running

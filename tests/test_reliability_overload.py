@@ -19,10 +19,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_serving_support import (
+from helpers import (
     copy_repository,
     environment_for_subprocess,
-    golden_repository,  # noqa: F401 - a fixture
 )
 
 from serving.protos import genserve_pb2 as pb
@@ -49,7 +48,7 @@ def _rss_bytes(pid: int) -> int:
 
 
 @pytest.fixture
-def server(golden_repository: Path, tmp_path: Path):  # noqa: F811
+def server(golden_repository: Path, tmp_path: Path):
     repo = copy_repository(golden_repository, tmp_path / "repo", ["mnist-vae"])
     port = _free_port()
     config = tmp_path / "serve.yaml"

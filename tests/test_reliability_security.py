@@ -11,13 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_serving_security import self_signed
-from test_serving_support import (
+from helpers import (
     RunningServer,
     copy_repository,
-    golden_repository,  # noqa: F401 - a fixture
     server_config,
 )
+from test_serving_security import self_signed
 
 from serving.config import TlsConfig
 from serving.protos import genserve_pb2 as pb
@@ -39,7 +38,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
 
 
 @pytest.fixture(scope="module")
-def repo_root(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def repo_root(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy_repository(golden_repository, tmp_path_factory.mktemp("security") / "repo", ["mnist-vae"]).root
 
 

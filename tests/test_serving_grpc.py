@@ -17,18 +17,17 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from test_serving_support import (
+from helpers import (
     RunningServer,
     copy_repository,
-    golden_repository,  # noqa: F401 - a fixture
     model_name,
     publish_copy,
     registered_kinds,
     server_config,
     wait_until,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from clients import codec  # the tests call the server as a client does
 from export import Repository
@@ -49,7 +48,7 @@ Code = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
-def server(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def server(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     repo = copy_repository(golden_repository, tmp_path_factory.mktemp("grpc") / "repo")
     publish_copy(repo, "mnist-vae", 1, SLOW)
     publish_copy(repo, "mnist-gan", 1, TIGHT)

@@ -14,11 +14,10 @@ import grpc
 import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_serving_support import (
+from helpers import (
     LoggedProcess,
     copy_repository,
     environment_for_subprocess,
-    golden_repository,  # noqa: F401 - a fixture
     serving_process,
 )
 
@@ -34,7 +33,7 @@ def start_server(args: list[str]) -> LoggedProcess:
 
 
 @pytest.fixture
-def repo(golden_repository: Path, tmp_path: Path) -> Repository:  # noqa: F811
+def repo(golden_repository: Path, tmp_path: Path) -> Repository:
     return copy_repository(golden_repository, tmp_path / "repo", ["mnist-vae"])
 
 

@@ -13,15 +13,14 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import generate_latest
-from test_serving_support import (
+from helpers import (
     RunningServer,
     copy_repository,
-    golden_repository,  # noqa: F401 - a fixture
     publish_copy,
     server_config,
     wait_until,
 )
+from prometheus_client import generate_latest
 
 from clients import codec  # the tests call the server as a client does
 from export import Manifest, Repository
@@ -34,7 +33,7 @@ Code = grpc.StatusCode
 
 
 @pytest.fixture
-def repo(golden_repository: Path, tmp_path: Path) -> Repository:  # noqa: F811
+def repo(golden_repository: Path, tmp_path: Path) -> Repository:
     return copy_repository(golden_repository, tmp_path / "repo", ["mnist-vae", "mnist-ae", "mnist-gan"])
 
 
@@ -280,3 +279,62 @@ def test_batching_off_and_no_memory_arena_give_the_same_images(repo: Repository)
         finally:
             server.stop()
     assert outputs["lean"] == outputs["default"]
+
+
+def test_each_state_says_why_a_model_does_not_serve(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "why not" of every state a version can be in, as RepositoryIndex and a request see it:
+    LOADING (retry shortly), refused (and nothing else to serve), never tried, unknown names."""
+    server = start(repo)
+    try:
+        genserve = genserve_pb2_grpc.GenserveStub(server.channel())
+        inference = grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+        z = codec.array_to_tensor(np.zeros((1, 196), np.float32))
+        inference.RepositoryModelUnload(ip.RepositoryModelUnloadRequest(model_name="mnist-ae"))
+        states = {(m.name, m.version): (m.state, m.reason) for m in inference.RepositoryIndex(ip.RepositoryIndexRequest()).models}
+        assert states["mnist-ae.decoder", "1"] == ("UNAVAILABLE", "unloaded")
+
+        gate = threading.Event()
+        verify = Repository.verify
+
+        def gated_verify(self: Repository, name: str, version: int) -> Manifest:
+            gate.wait(30)
+            return verify(self, name, version)
+
+        monkeypatch.setattr(Repository, "verify", gated_verify)
+        loading = asyncio.run_coroutine_threadsafe(server.server.manager.load("mnist-ae", explicit=True), server.loop)
+        try:
+            wait_until(lambda: ("mnist-ae.decoder", "1", "LOADING") in index(inference), what="mnist-ae to be LOADING")
+            with pytest.raises(grpc.RpcError) as info:
+                genserve.Generate(pb.GenerateRequest(model="mnist-ae", latents=z))
+            assert info.value.code() == Code.UNAVAILABLE and "'mnist-ae' is loading; retry shortly" in info.value.details()
+        finally:
+            gate.set()
+        assert loading.result(60).version == 1
+        monkeypatch.undo()
+        assert genserve.Generate(pb.GenerateRequest(model="mnist-ae", latents=z)).model.version == 1
+
+        assert publish_copy(repo, "mnist-gan", 1, "mnist-broken") == 1
+        graph = repo.version_dir("mnist-broken", 1) / "generator.onnx"
+        graph.write_bytes(graph.read_bytes()[::-1])  # the sha256 no longer matches
+        assert publish_copy(repo, "mnist-gan", 1, "mnist-new") == 1
+        all_states = inference.RepositoryIndex(ip.RepositoryIndexRequest()).models
+        states = {(m.name, m.version): (m.state, m.reason) for m in all_states}
+        assert states["mnist-new.generator", "1"] == ("UNAVAILABLE", "not loaded")  # in the repository, not tried yet
+        server.run(server.server.manager.poll_once())
+        with pytest.raises(grpc.RpcError) as info:
+            genserve.Generate(pb.GenerateRequest(model="mnist-broken", count=1))
+        assert info.value.code() == Code.NOT_FOUND
+        assert "model 'mnist-broken' has no servable version: version 1 was refused: " in info.value.details()
+        assert "sha256" in info.value.details()
+        broken = [(m.version, m.state) for m in inference.RepositoryIndex(ip.RepositoryIndexRequest()).models
+                  if m.name.startswith("mnist-broken.")]
+        assert broken == [("1", "UNAVAILABLE")]  # the refusal only, no second "not loaded" row
+        ready = inference.RepositoryIndex(ip.RepositoryIndexRequest(ready=True)).models
+        assert {m.state for m in ready} == {"READY"} and not any(m.name.startswith("mnist-broken.") for m in ready)
+        assert {m.name for m in ready} >= {"mnist-new.generator", "mnist-ae.decoder", "mnist-vae.decoder"}
+        with pytest.raises(grpc.RpcError) as info:
+            genserve.Generate(pb.GenerateRequest(model="nope", count=1))
+        assert info.value.code() == Code.NOT_FOUND
+        assert info.value.details() == "no model 'nope' is loaded (loaded models: mnist-ae, mnist-gan, mnist-new, mnist-vae)"
+    finally:
+        server.stop()

@@ -1,4 +1,5 @@
-"""Shared helpers for the serving and client tests (no tests here).
+"""Shared helpers for the serving and client tests (no tests here; the golden_repository fixture
+that uses them is in conftest.py).
 
 `model_repository()` trains a tiny run of every registered model kind on mnist-5k (64 images, one
 epoch) and exports each as `mnist-<kind>` version 1 into a repository. That takes a minute or two
@@ -29,7 +30,6 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import grpc
-import pytest
 from onnx_speed import fast_onnx_exports
 
 from export import Manifest, Repository
@@ -112,16 +112,6 @@ def model_repository(cache_root: Path) -> Path:
         if old.is_dir() and old != key_dir:
             shutil.rmtree(old, ignore_errors=True)
     return key_dir / "repo"
-
-
-@pytest.fixture(scope="session")
-def golden_repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Read-only: the cached repository with mnist-<kind> version 1 of every kind."""
-    try:
-        cache_root = Path(request.config.cache.mkdir("genserve-serving-models"))
-    except (AttributeError, OSError):  # no cache provider, or a read-only checkout
-        cache_root = tmp_path_factory.mktemp("genserve-serving-models")
-    return model_repository(cache_root)
 
 
 def copy_repository(source: Path, target: Path, names: list[str] | None = None) -> Repository:
