@@ -19,11 +19,29 @@ from serving import codec, latents
 from serving.calls import Call, Calls
 from serving.config import Limits
 from serving.errors import FailedPrecondition, InvalidArgument
-from serving.models import LoadedGraph, LoadedVersion, ModelManager
+from serving.models import ModelManager
 from serving.protos import genserve_pb2 as pb
 from serving.protos import genserve_pb2_grpc
+from serving.versions import LoadedGraph, LoadedVersion
 
 Response = TypeVar("Response", pb.GenerateResponse, pb.ReconstructResponse, pb.DenoiseResponse, pb.InterpolateResponse)
+
+
+def operations(loaded: LoadedVersion) -> list[str]:
+    """The Genserve RPCs a version supports, from the parts it has."""
+    parts = set(loaded.graphs)
+    ops = []
+    if parts & {"decoder", "generator"}:
+        ops.append("Generate")
+    if "encoder" in parts:
+        ops.append("Encode")
+    if {"encoder", "decoder"} <= parts or "denoiser" in parts:
+        ops.append("Reconstruct")
+    if "denoiser" in parts:
+        ops.append("Denoise")
+    if parts & {"decoder", "generator"}:
+        ops.append("Interpolate")
+    return ops
 
 
 def _shape(spec_shape: tuple[int | str, ...]) -> list[int]:
@@ -76,7 +94,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
         if graph is None:
             raise FailedPrecondition(
                 f"{operation}: model {loaded.name!r} ({loaded.manifest.kind}) has no decoder or generator; "
-                f"it supports {', '.join(loaded.operations)}"
+                f"it supports {', '.join(operations(loaded))}"
             )
         return graph
 
@@ -86,7 +104,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
         if graph is None:
             raise FailedPrecondition(
                 f"{operation}: model {loaded.name!r} ({loaded.manifest.kind}) has no {part}; "
-                f"it supports {', '.join(loaded.operations)}"
+                f"it supports {', '.join(operations(loaded))}"
             )
         return graph
 
@@ -131,7 +149,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                 newest = self.manager.resolve(name)
                 models.append(pb.ModelSummary(
                     name=name, kind=newest.manifest.kind, latest_version=newest.version, versions=versions,
-                    parts=sorted(newest.graphs), ready=True, operations=newest.operations,
+                    parts=sorted(newest.graphs), ready=True, operations=operations(newest),
                 ))
             return pb.ListModelsResponse(models=models)
 
@@ -160,7 +178,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                 prior=_prior_message(m.prior), class_names=m.class_names or [],
                 versions=self.manager.loaded().get(loaded.name, []),
                 metrics=_numbers(m.training.get("final_metrics")), dataset=m.dataset or "",
-                created_at=m.created_at, operations=loaded.operations, manifest_json=m.to_json().decode(),
+                created_at=m.created_at, operations=operations(loaded), manifest_json=m.to_json().decode(),
             )
 
         return await self.calls.run("GetModel", context, body)
@@ -234,7 +252,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                 else:
                     raise FailedPrecondition(
                         f"Reconstruct: model {loaded.name!r} ({loaded.manifest.kind}) has no encoder and decoder; "
-                        f"it supports {', '.join(loaded.operations)}"
+                        f"it supports {', '.join(operations(loaded))}"
                     )
                 return await self._images_response(pb.ReconstructResponse, loaded, out, request.output_format)
 

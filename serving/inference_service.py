@@ -18,11 +18,13 @@ import numpy as np
 from serving.calls import Call, Calls, ServerState, end_call
 from serving.config import Limits
 from serving.errors import InvalidArgument, NotFound, ServingError
-from serving.models import LoadedGraph, ModelManager, check_name, parse_version, split_oip_name
+from serving.models import ModelManager, check_name
+from serving.oip_names import parse_version, split_oip_name, use_graph
 from serving.protos import grpc_service_pb2 as pb
 from serving.protos import grpc_service_pb2_grpc
 from serving.protos import model_config_pb2 as mc
 from serving.statistics import Duration
+from serving.versions import LoadedGraph
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
@@ -70,7 +72,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async def body(call: Call) -> pb.ModelReadyResponse:
             parse_version(request.version)  # a malformed version is INVALID_ARGUMENT, not "not ready"
             try:
-                async with self.manager.use_graph(request.name, request.version):
+                async with use_graph(self.manager, request.name, request.version):
                     return pb.ModelReadyResponse(ready=True)
             except ServingError:
                 return pb.ModelReadyResponse(ready=False)
@@ -83,7 +85,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     # --- models ---------------------------------------------------------------------------------
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         async def body(call: Call) -> pb.ModelMetadataResponse:
-            async with self.manager.use_graph(request.name, request.version) as graph:
+            async with use_graph(self.manager, request.name, request.version) as graph:
                 call.bind(graph.model, graph.version)
                 tensor = pb.ModelMetadataResponse.TensorMetadata
                 return pb.ModelMetadataResponse(
@@ -98,7 +100,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
         async def body(call: Call) -> pb.ModelConfigResponse:
-            async with self.manager.use_graph(request.name, request.version) as graph:
+            async with use_graph(self.manager, request.name, request.version) as graph:
                 call.bind(graph.model, graph.version)
                 return pb.ModelConfigResponse(config=self._config(graph))
 
@@ -170,7 +172,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     # --- inference ------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         async def body(call: Call) -> pb.ModelInferResponse:
-            async with self.manager.use_graph(request.model_name, request.model_version) as graph:
+            async with use_graph(self.manager, request.model_name, request.model_version) as graph:
                 call.bind(graph.model, graph.version)
                 names = [t.name for t in graph.spec.outputs]
                 wanted = [o.name for o in request.outputs] or names

@@ -3,171 +3,42 @@
 At start the newest valid version of every model is loaded. A poller then watches the repository
 and hot-loads new versions: each is marked as served (so `genserve-export --keep` never deletes
 it), verified (sha256 and schema), loaded into onnxruntime and warmed up at the batch sizes it
-will see, all before it takes traffic. Requests hold a lease on the version they resolved, so a
-replaced version finishes its in-flight requests before its batchers stop. A version that fails
-any stage is refused (logged, counted in genserve_model_load_failures_total, not retried by the
-poller) while the previous one keeps serving. RepositoryModelLoad/Unload load and unload by hand;
-an explicitly unloaded model is left alone by the poller until it is loaded again.
+will see (serving/loader.py), all before it takes traffic; only then are versions beyond
+max_loaded_versions retired. Requests hold a lease on the version they resolved, so a replaced
+version finishes its in-flight requests before its batchers stop. A version that fails any stage
+is refused (logged, counted in genserve_model_load_failures_total, not retried by the poller)
+while the previous one keeps serving. RepositoryModelLoad/Unload load and unload by hand; an
+explicitly unloaded model is left alone by the poller until it is loaded again.
+
+Every version's state is one record in one map (serving/versions.py), which lookups, the poller,
+the repository index and the "why not" of every error read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import math
-import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
-
-from export import InvalidNameError, Manifest, PartSpec, Repository, sanitize_name, validate_model_name
-from export.manifest import PART_NAMES, RepositoryError
-from serving.batcher import DynamicBatcher, Timing
+from export import InvalidNameError, Manifest, Repository, sanitize_name, validate_model_name
+from export.manifest import RepositoryError
 from serving.config import ModelSettings, ServerConfig
 from serving.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
+from serving.loader import LoadError, PreparedSessions, prepare_version, start_version
 from serving.logs import log_event
 from serving.metrics import ServerMetrics
-from serving.runtime import GpuRequiredError, GraphSession, load_session
-from serving.statistics import GraphStats
+from serving.versions import IndexEntry, LoadedVersion, ModelStates, State, VersionState
 
 log = logging.getLogger("genserve.models")
-OPERATIONS = ("Generate", "Encode", "Reconstruct", "Denoise", "Interpolate")
-
-
-class LoadError(Exception):
-    """A version could not be made servable; `stage` is verify, load, gpu or warmup."""
-
-    def __init__(self, stage: str, message: str):
-        super().__init__(message)
-        self.stage = stage
-
-
-@dataclass
-class LoadedGraph:
-    """One part of one loaded version: its session, its batcher and its statistics."""
-
-    model: str
-    version: int
-    part: str
-    variant: str
-    spec: PartSpec
-    session: GraphSession
-    batcher: DynamicBatcher
-    stats: GraphStats
-
-    @property
-    def oip_name(self) -> str:
-        return f"{self.model}.{self.part}"
-
-    async def infer(self, rows: np.ndarray, deadline: float | None = None) -> tuple[list[np.ndarray], Timing]:
-        """Run rows (N, ...) through the graph via the batcher; outputs in the manifest's order."""
-        started = time.perf_counter()
-        try:
-            result = await self.batcher.infer(rows, deadline)
-            if not all(np.isfinite(output).all() for output in result[0]):  # never an OK with NaN pixels
-                raise InvalidArgument(
-                    f"{self.oip_name} version {self.version} computed NaN or infinite values for these inputs; "
-                    "send smaller latents (or a lower temperature)"
-                )
-        except (ServingError, asyncio.CancelledError):
-            self.stats.request_done(False, time.perf_counter() - started)
-            raise
-        self.stats.request_done(True, time.perf_counter() - started)
-        return result
-
-
-@dataclass
-class LoadedVersion:
-    """A model version that takes traffic; `in_flight` counts the requests holding it."""
-
-    manifest: Manifest
-    graphs: dict[str, LoadedGraph]
-    settings: ModelSettings
-    loaded_at: float = field(default_factory=time.time)
-    in_flight: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> int:
-        return self.manifest.version
-
-    def graph(self, part: str) -> LoadedGraph | None:
-        return self.graphs.get(part)
-
-    @property
-    def operations(self) -> list[str]:
-        """The Genserve RPCs this version supports."""
-        parts = set(self.graphs)
-        ops = []
-        if parts & {"decoder", "generator"}:
-            ops.append("Generate")
-        if "encoder" in parts:
-            ops.append("Encode")
-        if {"encoder", "decoder"} <= parts or "denoiser" in parts:
-            ops.append("Reconstruct")
-        if "denoiser" in parts:
-            ops.append("Denoise")
-        if parts & {"decoder", "generator"}:
-            ops.append("Interpolate")
-        return ops
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    """One row of the repository index: a model version and its state."""
-
-    name: str
-    version: int | None
-    state: str  # READY | UNAVAILABLE | LOADING
-    reason: str = ""
-    parts: tuple[str, ...] = ()
-
-
-def check_declared_shapes(what: str, spec: PartSpec, session: GraphSession, max_row_bytes: int) -> None:
-    """LoadError unless every tensor the manifest declares has the graph's own rank and fixed
-    dimensions, and one row of it fits in max_row_bytes (limits.max_message_bytes: a bigger row
-    could never be sent or answered). Runs before warm-up allocates anything from these shapes."""
-    declared = [spec.inputs[0], *spec.outputs]
-    actual = [session.input_shape, *session.output_shapes]
-    for tensor, graph_shape in zip(declared, actual, strict=True):
-        fixed = [d if isinstance(d, int) and d > 0 else None for d in graph_shape]  # None: symbolic
-        if len(graph_shape) != len(tensor.shape) or any(
-            g is not None and g != d for g, d in zip(fixed[1:], tensor.shape[1:], strict=True)
-        ):
-            raise LoadError("load", f"{what}: the manifest declares {tensor.name!r} as {list(tensor.shape)}, "
-                                    f"but the graph has shape {list(graph_shape)}")
-        row_bytes = math.prod(int(d) for d in tensor.shape[1:]) * 4  # float32 I/O
-        if row_bytes > max_row_bytes:
-            raise LoadError("load", f"{what}: one row of {tensor.name!r} {list(tensor.shape)} is {row_bytes} bytes, "
-                                    f"over limits.max_message_bytes ({max_row_bytes}); no request could carry it")
 
 
 def holder_name(host: str, port: int) -> str:
     """A serving-mark holder name for this server (a valid model name)."""
     return sanitize_name(f"genserve-{host}-{port}", "serving holder name")
-
-
-def split_oip_name(oip_name: str) -> tuple[str, str]:
-    """`mnist-vae.decoder` -> ("mnist-vae", "decoder"); InvalidArgument/NotFound when malformed."""
-    model, dot, part = oip_name.rpartition(".")
-    if not dot or part not in PART_NAMES:
-        raise NotFound(
-            f"no model {oip_name!r}: inference models are named <model>.<part> with part one of "
-            f"{', '.join(PART_NAMES)} (e.g. mnist-vae.decoder)"
-        )
-    return check_name(model), part
 
 
 def check_name(name: str) -> str:
@@ -195,36 +66,61 @@ class ModelManager:
         self.holder = holder
         self._executor = executor
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="genserve-loader")
-        self._versions: dict[str, dict[int, LoadedVersion]] = {}
-        self._failed: dict[tuple[str, int], str] = {}
-        self._unloaded: set[str] = set()
-        self._loading: set[str] = set()
+        self._models: dict[str, ModelStates] = {}  # every version's state, by model name
         # per-name locks, only while a load or unload of that name runs or waits (invented names
         # must not grow the table); `_marked` remembers which names carry this server's mark
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._marked: set[str] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
-        self._repository_error: str | None = None  # why the last scan could not read the repository
+        # why the last scan could not read the repository: a state of the repository, not of any
+        # version (what is loaded keeps its state and keeps serving)
+        self._repository_error: str | None = None
         self.ready = False
+
+    # --- states ---------------------------------------------------------------------------------
+    def _states(self, name: str) -> ModelStates:
+        """The (possibly empty) records of `name`; an empty one is not kept (see _set)."""
+        return self._models.get(name) or ModelStates()
+
+    def _ready(self, name: str) -> dict[int, LoadedVersion]:
+        return self._states(name).ready()
+
+    def _set(self, name: str, version: int, record: VersionState | None) -> None:
+        """Record a version's state (None: forget it); a model with no records and no choice is dropped."""
+        states = self._models.setdefault(name, ModelStates())
+        if record is None:
+            states.versions.pop(version, None)
+        else:
+            states.versions[version] = record
+        if states.empty:
+            del self._models[name]
+
+    def _set_unloaded(self, name: str, unloaded: bool) -> None:
+        states = self._models.setdefault(name, ModelStates())
+        states.unloaded = unloaded
+        if states.empty:
+            del self._models[name]
 
     # --- lookup ---------------------------------------------------------------------------------
     def loaded(self) -> dict[str, list[int]]:
         """Loaded model names -> their versions, ascending."""
-        return {name: sorted(vs) for name, vs in sorted(self._versions.items()) if vs}
+        return {name: list(ready) for name in sorted(self._models) if (ready := self._ready(name))}
 
     def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
         """The loaded version (newest when None or 0); NotFound/Unavailable saying why not."""
         check_name(name)
-        versions = self._versions.get(name)
+        states = self._states(name)
+        versions = states.ready()
         if not versions:
-            if name in self._loading:
+            if states.in_state(State.LOADING):
                 raise Unavailable(f"model {name!r} is loading; retry shortly")
-            if name in self._unloaded:
+            if states.unloaded:
                 raise NotFound(f"model {name!r} is unloaded; load it with RepositoryModelLoad")
-            failed = sorted((v, why) for (n, v), why in self._failed.items() if n == name)
+            failed = states.in_state(State.UNAVAILABLE)
             if failed:
-                raise NotFound(f"model {name!r} has no servable version: version {failed[-1][0]} was refused: {failed[-1][1]}")
+                newest = max(failed)
+                raise NotFound(f"model {name!r} has no servable version: version {newest} was refused: {failed[newest].reason}")
             known = ", ".join(self.loaded()) or "none"
             raise NotFound(f"no model {name!r} is loaded (loaded models: {known})")
         if not version:
@@ -232,7 +128,8 @@ class ModelManager:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidArgument(f"version must be a positive integer or 0 (newest), got {version!r}")
         if version not in versions:
-            why = self._failed.get((name, version))
+            record = states.versions.get(version)
+            why = record.reason if record is not None and record.refused else None
             raise NotFound(
                 f"model {name!r} version {version} is not loaded"
                 + (f" (it was refused: {why})" if why else "")
@@ -253,17 +150,6 @@ class ModelManager:
             if loaded.in_flight == 0:
                 loaded.idle.set()
 
-    @contextlib.asynccontextmanager
-    async def use_graph(self, oip_name: str, version: str = "") -> AsyncIterator[LoadedGraph]:
-        """Lease the graph an inference-protocol model name (`<model>.<part>`) and version string name."""
-        model, part = split_oip_name(oip_name)
-        number = parse_version(version)
-        async with self.use(model, number) as loaded:
-            graph = loaded.graph(part)
-            if graph is None:
-                raise NotFound(f"model {model!r} version {loaded.version} has no part {part!r}; it has {sorted(loaded.graphs)}")
-            yield graph
-
     # --- loading --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _exclusive(self, name: str) -> AsyncIterator[None]:
@@ -278,8 +164,8 @@ class ModelManager:
             if users[0] == 0:
                 del self._locks[name]
 
-    async def _in_loader(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
+    async def _in_loader(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._loader, functools.partial(fn, *args, **kwargs))
 
     async def load_all(self) -> None:
         """Load the newest valid version of every model in the repository (the initial load)."""
@@ -327,7 +213,7 @@ class ModelManager:
         check_name(name)
         async with self._exclusive(name):
             if explicit:
-                self._unloaded.discard(name)
+                self._set_unloaded(name, False)
             try:
                 if version is None:
                     version = await self._in_loader(self.repository.latest, name)
@@ -335,21 +221,26 @@ class ModelManager:
                 raise Unavailable(f"cannot read the model repository: {error}") from None
             if version is None:
                 raise NotFound(f"model {name!r} has no valid version in the repository {self.repository.root}")
-            current = self._versions.get(name, {})
+            current = self._ready(name)
             if version in current:
                 return current[version]
-            if (name, version) in self._failed and not explicit:
-                raise FailedPrecondition(f"model {name!r} version {version} was refused: {self._failed[(name, version)]}")
+            before = self._states(name).versions.get(version)
+            if before is not None and before.refused and not explicit:
+                raise FailedPrecondition(f"model {name!r} version {version} was refused: {before.reason}")
             settings = self.config.settings_for(name)
             await self._in_loader(self._mark, name, {*current, version})
-            self._loading.add(name)
+            loading = VersionState(State.LOADING)
+            self._set(name, version, loading)
             log_event(log, "version_loading", model=name, version=version)
             started = time.perf_counter()
             try:
-                manifest, sessions = await self._in_loader(self._prepare, name, version, settings)
+                manifest, sessions = await self._in_loader(
+                    prepare_version, self.repository, name, version, settings,
+                    require_gpu=self.config.require_gpu, max_row_bytes=self.config.limits.max_message_bytes,
+                )
             except Exception as error:  # LoadError, or anything unforeseen: the version is refused either way
                 failure = error if isinstance(error, LoadError) else LoadError("load", f"{type(error).__name__}: {error}")
-                self._failed[(name, version)] = str(failure)
+                self._set(name, version, VersionState(State.UNAVAILABLE, str(failure)))
                 self.metrics.load_failures.labels(name, failure.stage).inc()
                 log_event(
                     log, "version_refused", level=logging.ERROR, model=name, version=version, stage=failure.stage,
@@ -358,8 +249,8 @@ class ModelManager:
                 await self._in_loader(self._mark, name, set(current))
                 raise FailedPrecondition(f"model {name!r} version {version} was refused ({failure.stage}): {failure}") from None
             finally:
-                self._loading.discard(name)
-            self._failed.pop((name, version), None)
+                if self._states(name).versions.get(version) is loading:  # cancelled: as it was before
+                    self._set(name, version, before)
             loaded = self._activate(manifest, sessions, settings)
             log_event(
                 log,
@@ -373,89 +264,16 @@ class ModelManager:
             self._retire_beyond(name, settings.max_loaded_versions)
             return loaded
 
-    def _prepare(self, name: str, version: int, settings: ModelSettings) -> tuple[Manifest, dict[str, tuple[str, GraphSession]]]:
-        """Blocking (loader thread): verify, create sessions, check their I/O and warm them up."""
-        try:
-            manifest = self.repository.verify(name, version)
-        except RepositoryError as error:
-            raise LoadError("verify", str(error)) from None
-        sessions: dict[str, tuple[str, GraphSession]] = {}
-        for part, spec in manifest.parts.items():
-            variant = settings.variant if settings.variant in spec.variants else "fp32"
-            if variant != settings.variant:
-                log_event(log, "variant_missing", level=logging.WARNING, model=name, version=version, part=part,
-                          wanted=settings.variant, using=variant)
-            path: Path = self.repository.version_dir(name, version) / spec.variants[variant].file
-            what = f"{name} version {version} {part} ({variant})"
-            try:
-                # What onnxruntime loads is exactly the bytes whose sha256 was just checked: loading
-                # from the path would read the file a second time, after anyone could have swapped it.
-                graph_bytes = self.repository.read_part(manifest, part, variant)
-            except RepositoryError as error:
-                raise LoadError("verify", str(error)) from None
-            try:
-                session = load_session(
-                    path,
-                    model_bytes=graph_bytes,
-                    execution_provider=settings.execution_provider,
-                    intra_op_threads=settings.intra_op_threads,
-                    cpu_memory_arena=settings.cpu_memory_arena,
-                    require_gpu=self.config.require_gpu,
-                    what=what,
-                )
-            except GpuRequiredError as error:
-                raise LoadError("gpu", str(error)) from None
-            except Exception as error:  # onnxruntime raises its own exception types
-                raise LoadError("load", f"onnxruntime cannot load {path.name}: {error}") from None
-            finally:
-                del graph_bytes  # onnxruntime keeps its own copy
-            expected_out = [t.name for t in spec.outputs]
-            if session.input_name != spec.inputs[0].name or session.output_names != expected_out:
-                raise LoadError(
-                    "load",
-                    f"{what}: the graph's inputs/outputs ({session.input_name!r} -> {session.output_names}) "
-                    f"differ from the manifest's ({spec.inputs[0].name!r} -> {expected_out})",
-                )
-            check_declared_shapes(what, spec, session, self.config.limits.max_message_bytes)
-            shape = tuple(int(d) for d in spec.inputs[0].shape[1:])
-            for batch in settings.warmup_sizes:
-                try:
-                    outputs = session.run(np.full((batch, *shape), 0.5, dtype=np.float32))
-                except Exception as error:
-                    raise LoadError("warmup", f"{what} fails on a warm-up batch of {batch}: {error}") from None
-                if any(o.shape[0] != batch for o in outputs):
-                    raise LoadError("warmup", f"{what} returned the wrong batch size on a warm-up batch of {batch}")
-            sessions[part] = (variant, session)
-        return manifest, sessions
-
-    def _activate(self, manifest: Manifest, sessions: dict[str, tuple[str, GraphSession]], settings: ModelSettings) -> LoadedVersion:
-        """Give the sessions batchers and put the version into service (on the loop)."""
-        name, version = manifest.name, manifest.version
-        graphs = {}
-        for part, (variant, session) in sessions.items():
-            stats = GraphStats(name, version, part, self.metrics)
-            batcher = DynamicBatcher(
-                f"{name}.{part} version {version}",
-                session.run,
-                self._executor,
-                max_batch_size=settings.max_batch_size,
-                max_queue_delay_us=settings.max_queue_delay_us,
-                max_queue_size=settings.max_queue_size,
-                merge=settings.dynamic_batching,
-                instances=settings.instances,
-                observer=stats,
-            )
-            batcher.start()
-            graphs[part] = LoadedGraph(name, version, part, variant, manifest.parts[part], session, batcher, stats)
-            self.metrics.provider.labels(name, str(version), part, session.provider).set(1)
-        loaded = LoadedVersion(manifest, graphs, settings)
-        self._versions.setdefault(name, {})[version] = loaded
-        self.metrics.model_ready.labels(name, str(version)).set(1)
+    def _activate(self, manifest: Manifest, sessions: PreparedSessions, settings: ModelSettings) -> LoadedVersion:
+        """Put a prepared version into service (on the loop)."""
+        loaded = start_version(manifest, sessions, settings, self._executor, self.metrics)
+        self._set(loaded.name, loaded.version, VersionState(State.READY, loaded=loaded))
+        self.metrics.model_ready.labels(loaded.name, str(loaded.version)).set(1)
         self._count()
         return loaded
 
     def _count(self) -> None:
-        total = sum(len(v) for v in self._versions.values())
+        total = sum(len(self._ready(name)) for name in self._models)
         self.metrics.models_loaded.set(total)
         self.metrics.models_ready.set(total)
 
@@ -472,15 +290,15 @@ class ModelManager:
 
     # --- retiring -------------------------------------------------------------------------------
     def _retire_beyond(self, name: str, keep: int) -> None:
-        versions = self._versions.get(name, {})
-        for version in sorted(versions)[:-keep]:
+        for version in list(self._ready(name))[:-keep]:
             self._retire(name, version)
 
     def _retire(self, name: str, version: int) -> None:
         """Take a version out of service now; its batchers stop once its in-flight requests finish."""
-        loaded = self._versions[name].pop(version)
-        if not self._versions[name]:
-            del self._versions[name]
+        record = self._models[name].versions[version]
+        loaded = record.loaded
+        assert loaded is not None and record.state is State.READY
+        self._set(name, version, VersionState(State.UNLOADING, loaded=loaded))
         self.metrics.model_ready.labels(name, str(version)).set(0)
         self._count()
         task = asyncio.get_running_loop().create_task(self._drain(loaded))
@@ -492,17 +310,20 @@ class ModelManager:
         for graph in loaded.graphs.values():
             await graph.batcher.close()
             self.metrics.provider.labels(loaded.name, str(loaded.version), graph.part, graph.session.provider).set(0)
-        await self._in_loader(self._mark, loaded.name, set(self._versions.get(loaded.name, {})))
+        record = self._states(loaded.name).versions.get(loaded.version)
+        if record is not None and record.state is State.UNLOADING and record.loaded is loaded:  # not loaded again since
+            self._set(loaded.name, loaded.version, None)
+        await self._in_loader(self._mark, loaded.name, set(self._ready(loaded.name)))
         log_event(log, "version_unloaded", model=loaded.name, version=loaded.version)
 
     async def unload(self, name: str) -> list[int]:
         """Unload every version of `name` (in-flight requests finish first); returns them."""
         check_name(name)
-        if name not in self._versions and name not in await self._in_loader(self._known_models):
+        if not self._ready(name) and name not in await self._in_loader(self._known_models):
             raise NotFound(f"no model {name!r} in the repository or loaded")
         async with self._exclusive(name):
-            self._unloaded.add(name)
-            versions = sorted(self._versions.get(name, {}))
+            self._set_unloaded(name, True)
+            versions = list(self._ready(name))
             for version in versions:
                 self._retire(name, version)
             await self.drained()
@@ -547,9 +368,11 @@ class ModelManager:
     async def poll_once(self) -> None:
         """Load every model version that is newer than what is loaded (and was not refused)."""
         for name, latest in (await self._in_loader(self._scan)).items():
-            if latest is None or name in self._unloaded or (name, latest) in self._failed:
+            states = self._states(name)
+            record = states.versions.get(latest) if latest is not None else None
+            if latest is None or states.unloaded or (record is not None and record.refused):
                 continue
-            loaded = self._versions.get(name, {})
+            loaded = states.ready()
             if loaded and latest <= max(loaded):
                 continue
             with contextlib.suppress(ServingError):
@@ -581,25 +404,27 @@ class ModelManager:
         """Every model in the repository (and every loaded one) with its versions' states."""
         scanned = await self._in_loader(self._scan)
         entries = []
-        for name in sorted(set(scanned) | set(self._versions)):
-            loaded = self._versions.get(name, {})
-            for version in sorted(loaded):
-                entries.append(IndexEntry(name, version, "READY", parts=tuple(loaded[version].graphs)))
+        served = {name for name, states in self._models.items() if states.ready() or states.in_state(State.UNLOADING)}
+        for name in sorted(set(scanned) | served):
+            states = self._states(name)
+            loaded = states.ready()
+            for version, ready in loaded.items():
+                entries.append(IndexEntry(name, version, State.READY.value, parts=tuple(ready.graphs)))
             if ready_only:
                 continue
-            for (failed_name, version), reason in sorted(self._failed.items()):
-                if failed_name == name:
+            for version, record in sorted(states.versions.items()):
+                if record.state is State.UNLOADING:
+                    entries.append(IndexEntry(name, version, record.state.value, parts=tuple(record.loaded.graphs)))
+                elif record.state is not State.READY:
                     parts = await self._in_loader(self._parts, name, version)
-                    entries.append(IndexEntry(name, version, "UNAVAILABLE", reason, parts))
-            if not loaded:
+                    entries.append(IndexEntry(name, version, record.state.value, record.reason, parts))
+            # say why nothing serves, unless a LOADING or refused version above says it
+            quiet = not loaded and not states.in_state(State.LOADING)
+            if quiet and (states.unloaded or not states.in_state(State.UNAVAILABLE)):
                 latest = scanned.get(name)
                 parts = await self._in_loader(self._parts, name, latest)
-                if name in self._loading:
-                    entries.append(IndexEntry(name, latest, "LOADING", parts=parts))
-                elif name in self._unloaded:
-                    entries.append(IndexEntry(name, latest, "UNAVAILABLE", "unloaded", parts))
-                elif not any(n == name for n, _ in self._failed):
-                    entries.append(IndexEntry(name, latest, "UNAVAILABLE", "not loaded", parts))
+                reason = "unloaded" if states.unloaded else "not loaded"
+                entries.append(IndexEntry(name, latest, State.UNAVAILABLE.value, reason, parts))
         return entries
 
     # --- shutdown -------------------------------------------------------------------------------
@@ -609,8 +434,8 @@ class ModelManager:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
-        for name in list(self._versions):
-            for version in list(self._versions.get(name, {})):
+        for name in list(self._models):
+            for version in list(self._ready(name)):
                 self._retire(name, version)
         await self.drained()
         for name in sorted(self._marked):
@@ -618,17 +443,3 @@ class ModelManager:
         self._loader.shutdown(wait=False, cancel_futures=True)
         self.ready = False
 
-
-_VERSION_TEXT = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²" and "١" are str.isdigit()), within int64
-
-
-def parse_version(text: str) -> int | None:
-    """An inference-protocol version string ("" = newest) -> int or None; InvalidArgument if not a number."""
-    if text == "":
-        return None
-    if not _VERSION_TEXT.fullmatch(text) or int(text) < 1:
-        shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
-        raise InvalidArgument(
-            f"version must be a positive integer of at most 18 ASCII digits (or empty for the newest), got {shown!r}"
-        )
-    return int(text)

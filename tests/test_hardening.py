@@ -32,7 +32,7 @@ from export import Manifest, ManifestError, PartSpec, Repository, TensorSpec, Va
 from serving import codec
 from serving.config import Limits
 from serving.errors import InvalidArgument
-from serving.models import parse_version
+from serving.oip_names import parse_version
 from serving.protos import genserve_pb2 as pb
 from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
 from serving.protos import grpc_service_pb2 as ip

@@ -283,7 +283,7 @@ def test_batching_off_and_no_memory_arena_give_the_same_images(repo: Repository)
 
 def test_each_state_says_why_a_model_does_not_serve(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
     """The "why not" of every state a version can be in, as RepositoryIndex and a request see it:
-    LOADING (retry shortly), refused (and nothing else to serve), never tried, unknown names."""
+    unloaded, LOADING (retry shortly), refused (and nothing else to serve), never tried, unknown names."""
     server = start(repo)
     try:
         genserve = genserve_pb2_grpc.GenserveStub(server.channel())
@@ -303,10 +303,16 @@ def test_each_state_says_why_a_model_does_not_serve(repo: Repository, monkeypatc
         monkeypatch.setattr(Repository, "verify", gated_verify)
         loading = asyncio.run_coroutine_threadsafe(server.server.manager.load("mnist-ae", explicit=True), server.loop)
         try:
-            wait_until(lambda: ("mnist-ae.decoder", "1", "LOADING") in index(inference), what="mnist-ae to be LOADING")
-            with pytest.raises(grpc.RpcError) as info:
-                genserve.Generate(pb.GenerateRequest(model="mnist-ae", latents=z))
-            assert info.value.code() == Code.UNAVAILABLE and "'mnist-ae' is loading; retry shortly" in info.value.details()
+            # (RepositoryIndex would wait here: its scan queues behind the load on the loader thread)
+            def refusal() -> grpc.RpcError:
+                try:
+                    genserve.Generate(pb.GenerateRequest(model="mnist-ae", latents=z))
+                except grpc.RpcError as error:
+                    return error
+                raise AssertionError("mnist-ae answered while its load is held")
+
+            error = wait_until(lambda: (e := refusal()).code() == Code.UNAVAILABLE and e, what="mnist-ae to be loading")
+            assert "model 'mnist-ae' is loading; retry shortly" in error.details()
         finally:
             gate.set()
         assert loading.result(60).version == 1

@@ -33,7 +33,8 @@ from serving.errors import (
     ResourceExhausted,
 )
 from serving.logs import JsonFormatter, TextFormatter, log_event
-from serving.models import holder_name, parse_version, split_oip_name
+from serving.models import holder_name
+from serving.oip_names import parse_version, split_oip_name
 from serving.protos import genserve_pb2 as pb
 
 # --- config ------------------------------------------------------------------------------------
