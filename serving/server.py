@@ -166,47 +166,80 @@ class GenserveServer:
         Whatever keeps the server from starting (no GPU, no repository, a port in use) is raised
         before anything is bound or logged as started."""
         config = self.config
-        if config.require_gpu and not set(available_providers()) & set(GPU_PROVIDERS):
-            raise GpuRequiredError(
-                f"--require-gpu: onnxruntime offers only {available_providers()}; install onnxruntime-gpu "
-                "(the genserve[gpu] extra) on a machine with a CUDA GPU, or drop --require-gpu"
-            )
+        self._check_gpu()
         repository = Repository(config.repository)
         check_repository(repository, config)
         check_ports(config)
         token = config.token()
+        self._server = self._create_grpc_server(token)
+        credentials = _credentials(config)
+        self.port = self._bind(credentials)
+        self._warn_if_exposed(secure=credentials is not None, authenticated=token is not None)
+        self.manager = ModelManager(repository, config, self.metrics, self._executor,
+                                    config.serving_holder or holder_name(config.host, self.port))
+        self._add_services(self.manager)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.start()
+        self.metrics_port = self._serve_metrics()
+        self._listening = True
+        log_event(log, "listening", host=config.host, port=self.port, metrics_port=self.metrics_port,
+                  tls=credentials is not None, auth=token is not None, repository=str(repository.root),
+                  event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
+        await self.manager.load_all()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.manager.start_polling(config.poll_interval_s)
+        self._log_serving(repository)
+
+    # --- start-up steps, in the order start() takes them -----------------------------------------
+    def _check_gpu(self) -> None:
+        if self.config.require_gpu and not set(available_providers()) & set(GPU_PROVIDERS):
+            raise GpuRequiredError(
+                f"--require-gpu: onnxruntime offers only {available_providers()}; install onnxruntime-gpu "
+                "(the genserve[gpu] extra) on a machine with a CUDA GPU, or drop --require-gpu"
+            )
+
+    def _create_grpc_server(self, token: str | None) -> grpc.aio.Server:
+        """The gRPC server with its interceptors (bearer token first, then request decoding) and limits."""
+        limits = self.config.limits
         interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(token, self.metrics)] if token else []
-        limits = config.limits
         interceptors.append(RequestDecodingInterceptor(limits.receive_timeout_s, RequestBudget(limits.max_in_flight_request_bytes)))
-        self._server = grpc.aio.server(
+        return grpc.aio.server(
             interceptors=interceptors,
             options=[*limits.grpc_options(), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=limits.max_concurrent_calls,
         )
-        address = f"{config.host}:{config.port}"
-        credentials = _credentials(config)
+
+    def _bind(self, credentials: grpc.ServerCredentials | None) -> int:
+        """Add the port (TLS when credentials are given); returns the port bound."""
+        assert self._server is not None
+        address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = (
-                self._server.add_secure_port(address, credentials) if credentials else self._server.add_insecure_port(address)
-            )
+            return self._server.add_secure_port(address, credentials) if credentials else self._server.add_insecure_port(address)
         except RuntimeError:  # grpc's "Failed to bind": taken since check_ports, or not an address of this host
             raise StartupError(f"cannot listen on {address} (in use, or not an address of this machine); "
                                f"choose another port with {PORT_SETTING}, or another --host") from None
-        if not is_loopback(config.host):
-            if credentials is None:
-                log_event(log, "insecure_listen", level=logging.WARNING, host=config.host,
-                          hint="traffic is unencrypted: set tls.cert_file and tls.key_file")
-            if token is None:
-                log_event(log, "unauthenticated_listen", level=logging.WARNING, host=config.host,
-                          hint="anyone who reaches the port can call it: set auth_token_file")
-        holder = config.serving_holder or holder_name(config.host, self.port)
-        self.manager = ModelManager(repository, config, self.metrics, self._executor, holder)
+
+    def _warn_if_exposed(self, *, secure: bool, authenticated: bool) -> None:
+        """Beyond loopback, say so when traffic is unencrypted or calls are unauthenticated."""
+        host = self.config.host
+        if is_loopback(host):
+            return
+        if not secure:
+            log_event(log, "insecure_listen", level=logging.WARNING, host=host,
+                      hint="traffic is unencrypted: set tls.cert_file and tls.key_file")
+        if not authenticated:
+            log_event(log, "unauthenticated_listen", level=logging.WARNING, host=host,
+                      hint="anyone who reaches the port can call it: set auth_token_file")
+
+    def _add_services(self, manager: ModelManager) -> None:
+        """genserve.v1.Genserve, the inference protocol, health, and reflection over all of them."""
+        assert self._server is not None
         calls = Calls(self.metrics, self.state)
         genserve_pb2_grpc.add_GenserveServicer_to_server(
-            GenserveService(self.manager, calls, config.limits), self._server
+            GenserveService(manager, calls, self.config.limits), self._server
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.manager, calls, config.limits, self.state), self._server
+            InferenceService(manager, calls, self.config.limits, self.state), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -214,27 +247,30 @@ class GenserveServer:
             self._server,
             pool=reflection_pool(),
         )
+
+    async def _set_health(self, status: int) -> None:
         for service in HEALTH_SERVICES:
-            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._server.start()
-        if config.metrics_port is not None:
-            try:
-                self.metrics_port = self.metrics.serve(
-                    config.metrics_host or config.host, config.metrics_port, token=config.metrics_token(),
-                    request_timeout_s=config.metrics_request_timeout_s,
-                    max_connections=config.metrics_max_connections,
-                )
-            except OSError as error:  # taken since check_ports
-                raise StartupError(f"cannot serve /metrics on port {config.metrics_port} ({error.strerror}); "
-                                   f"choose another with {METRICS_PORT_SETTING}") from None
-        self._listening = True
-        log_event(log, "listening", host=config.host, port=self.port, metrics_port=self.metrics_port,
-                  tls=credentials is not None, auth=token is not None, repository=str(repository.root),
-                  event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
-        await self.manager.load_all()
-        for service in HEALTH_SERVICES:
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self.manager.start_polling(config.poll_interval_s)
+            await self._health.set(service, status)
+
+    def _serve_metrics(self) -> int | None:
+        """Start the /metrics endpoint (unless disabled); returns its port."""
+        config = self.config
+        if config.metrics_port is None:
+            return None
+        try:
+            return self.metrics.serve(
+                config.metrics_host or config.host, config.metrics_port, token=config.metrics_token(),
+                request_timeout_s=config.metrics_request_timeout_s,
+                max_connections=config.metrics_max_connections,
+            )
+        except OSError as error:  # taken since check_ports
+            raise StartupError(f"cannot serve /metrics on port {config.metrics_port} ({error.strerror}); "
+                               f"choose another with {METRICS_PORT_SETTING}") from None
+
+    def _log_serving(self, repository: Repository) -> None:
+        """Log what serves, and how to publish a model when nothing does."""
+        assert self.manager is not None
+        config = self.config
         loaded = self.manager.loaded()
         log_event(log, "serving", models=",".join(f"{n}:{vs[-1]}" for n, vs in loaded.items()) or None)
         if not loaded and repository.root.is_dir():
