@@ -245,10 +245,12 @@ class Trainer:
             file=sys.stderr,
         )
         for batch in bar:
+            # learning rate for this step, then forward, backward and optimizer steps (the model's own)
             progress = self.state.step / max(1, self.total_steps)
             self.set_learning_rates(progress)
             ctx = StepContext(self.state.step, progress, self.autocast)
             losses = self.networks.train_step(self.model.train_step, batch, self.optimizers, ctx)
+            # stop before a non-finite loss reaches a checkpoint
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -256,11 +258,13 @@ class Trainer:
                     "stopped before saving, so the last good checkpoint is intact. "
                     "Try a lower --lr, or check the data."
                 )
+            # accumulate the epoch's and the log window's losses (on the device: no sync per step)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
                 window[key] = window.get(key, 0.0) + value.detach().float()
             window_steps += 1
             self.state.step += 1
+            # every log_every steps: the window's means over ranks, to metrics.json and tensorboard
             if window_steps == self.config.log_every:
                 means = {k: (v / window_steps).item() for k, v in self.dist.mean_over_ranks(window).items()}
                 self.state.steps.append({"step": self.state.step, **means})
@@ -287,8 +291,7 @@ class Trainer:
     def run(self) -> Path:
         from torch.utils.tensorboard import SummaryWriter
 
-        from training.evaluation import final_metrics
-        from training.pictures import write_epoch_pictures, write_final_pictures
+        from training.pictures import write_epoch_pictures
 
         if not self.dist.is_main:
             return follow(self)  # train in step with rank 0, write nothing
@@ -299,63 +302,88 @@ class Trainer:
             if start_epoch == 1:
                 write_epoch_pictures(self.model, self.dataset, self.config, self.run_dir, 0, writer)
             for epoch in range(start_epoch, self.config.epochs + 1):
-                # train one epoch, then measure it on the test set
+                # train one epoch (timed to the last kernel)
                 started = time.perf_counter()
                 train = self.train_epoch(epoch, writer)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - started
+                # measure it on the test set, and by the model's selection metric
                 test = self.evaluate()
                 score = self.selection_score(test)
-                entry = {
-                    "epoch": epoch,
-                    "step": self.state.step,
-                    "train_loss": train["loss"],
-                    "test_loss": test["loss"],
-                    "seconds": seconds,
-                    "images_per_second": len(self.train_loader) * self.config.batch_size / seconds,
-                    **{f"train_{k}": v for k, v in train.items() if k != "loss"},
-                    **{f"test_{k}": v for k, v in test.items() if k != "loss"},
-                }
-                if score is not None and self.model.selection_metric != "test_loss":
-                    entry[self.model.selection_metric] = score
+                # record the epoch: metrics entry, tensorboard
+                entry = self.epoch_entry(epoch, train, test, score, seconds)
                 self.state.epochs.append(entry)
                 self.state.epoch = epoch
-                for key in ("train_loss", "test_loss", "images_per_second", self.model.selection_metric):
-                    if key in entry:
-                        writer.add_scalar(f"epoch/{key}", entry[key], epoch)
+                self.log_epoch(entry, writer)
                 # pictures, the checkpoint (best by the model's selection metric), metrics.json
                 write_epoch_pictures(self.model, self.dataset, self.config, self.run_dir, epoch, writer)
-                is_best = score is not None and score < self.state.best_score
-                if is_best:
-                    self.state.best_score = score
-                save_checkpoint(
-                    self.run_dir,
-                    self.model,
-                    self.optimizers,
-                    self.generators,
-                    {**self.state.__dict__, "config": self.config.to_dict(),
-                     "selection_metric": self.model.selection_metric},
-                    is_best=is_best,
-                )
+                self.save(score)
                 self.write_metrics()
-                log.info(
-                    "epoch %d/%d  train_loss %.4f  test_loss %.4f%s  %.1fs  %.0f img/s",
-                    epoch, self.config.epochs, entry["train_loss"], entry["test_loss"],
-                    f"  {self.model.selection_metric} {score:.2f}" if score is not None and "fid" in self.model.selection_metric else "",
-                    seconds, entry["images_per_second"],
-                )
-            # the final metrics and pictures describe what export takes by default (--checkpoint auto)
-            chosen = self.load_exported_checkpoint()
-            final = {**final_metrics(self.model, self.dataset, self.config, self.test_loader), **chosen}
-            self.write_metrics(final)
-            write_final_pictures(self.model, self.dataset, self.config, self.run_dir, self.state, self.test_loader)
-            for key, value in final.items():
-                if isinstance(value, int | float):
-                    writer.add_scalar(f"final/{key}", value, self.state.step)
+                self.log_epoch_line(entry, score)
+            self.finish(writer)
         finally:
             writer.close()
         return self.run_dir
+
+    # --- the steps of run() ----------------------------------------------------------------------
+    def epoch_entry(self, epoch: int, train: dict[str, float], test: dict[str, float], score: float | None,
+                    seconds: float) -> dict[str, Any]:
+        """The epoch's row of metrics.json."""
+        entry = {
+            "epoch": epoch,
+            "step": self.state.step,
+            "train_loss": train["loss"],
+            "test_loss": test["loss"],
+            "seconds": seconds,
+            "images_per_second": len(self.train_loader) * self.config.batch_size / seconds,
+            **{f"train_{k}": v for k, v in train.items() if k != "loss"},
+            **{f"test_{k}": v for k, v in test.items() if k != "loss"},
+        }
+        if score is not None and self.model.selection_metric != "test_loss":
+            entry[self.model.selection_metric] = score
+        return entry
+
+    def log_epoch(self, entry: dict[str, Any], writer) -> None:
+        for key in ("train_loss", "test_loss", "images_per_second", self.model.selection_metric):
+            if key in entry:
+                writer.add_scalar(f"epoch/{key}", entry[key], entry["epoch"])
+
+    def save(self, score: float | None) -> None:
+        """The epoch's checkpoint, marked best when its selection score is the lowest so far."""
+        is_best = score is not None and score < self.state.best_score
+        if is_best:
+            self.state.best_score = score
+        save_checkpoint(
+            self.run_dir,
+            self.model,
+            self.optimizers,
+            self.generators,
+            {**self.state.__dict__, "config": self.config.to_dict(),
+             "selection_metric": self.model.selection_metric},
+            is_best=is_best,
+        )
+
+    def log_epoch_line(self, entry: dict[str, Any], score: float | None) -> None:
+        log.info(
+            "epoch %d/%d  train_loss %.4f  test_loss %.4f%s  %.1fs  %.0f img/s",
+            entry["epoch"], self.config.epochs, entry["train_loss"], entry["test_loss"],
+            f"  {self.model.selection_metric} {score:.2f}" if score is not None and "fid" in self.model.selection_metric else "",
+            entry["seconds"], entry["images_per_second"],
+        )
+
+    def finish(self, writer) -> None:
+        """The final metrics and pictures, of what export takes by default (--checkpoint auto)."""
+        from training.evaluation import final_metrics
+        from training.pictures import write_final_pictures
+
+        chosen = self.load_exported_checkpoint()
+        final = {**final_metrics(self.model, self.dataset, self.config, self.test_loader), **chosen}
+        self.write_metrics(final)
+        write_final_pictures(self.model, self.dataset, self.config, self.run_dir, self.state, self.test_loader)
+        for key, value in final.items():
+            if isinstance(value, int | float):
+                writer.add_scalar(f"final/{key}", value, self.state.step)
 
 
 def train(config: TrainConfig, resume: bool = False, dataset: ImageDataset | None = None) -> Path:
