@@ -229,8 +229,7 @@ class ModelManager:
                 raise FailedPrecondition(f"model {name!r} version {version} was refused: {before.reason}")
             settings = self.config.settings_for(name)
             await self._in_loader(self._mark, name, {*current, version})
-            loading = VersionState(State.LOADING)
-            self._set(name, version, loading)
+            self._set(name, version, VersionState(State.LOADING))
             log_event(log, "version_loading", model=name, version=version)
             started = time.perf_counter()
             try:
@@ -248,9 +247,9 @@ class ModelManager:
                 )
                 await self._in_loader(self._mark, name, set(current))
                 raise FailedPrecondition(f"model {name!r} version {version} was refused ({failure.stage}): {failure}") from None
-            finally:
-                if self._states(name).versions.get(version) is loading:  # cancelled: as it was before
-                    self._set(name, version, before)
+            except BaseException:  # cancelled (shutdown): the version is left as it was before
+                self._set(name, version, before)
+                raise
             loaded = self._activate(manifest, sessions, settings)
             log_event(
                 log,

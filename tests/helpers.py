@@ -233,8 +233,12 @@ class LoggedProcess:
     """A child process whose output (stdout and stderr) is kept line by line, JSON log events parsed
     (other lines become {"event": "unparsed"}), for waits and failure messages."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None):
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+                 own_group: bool = False):
+        """`own_group`: in a process group of its own, which kill() kills whole (a script's children too)."""
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                        cwd=cwd, start_new_session=own_group)
+        self.own_group = own_group
         self.lines: list[str] = []
         self.events: list[dict] = []
         self._events: queue.Queue[dict] = queue.Queue()
@@ -253,7 +257,8 @@ class LoggedProcess:
             self.events.append(event)
             self._events.put(event)
 
-    def wait_for(self, name: str, timeout: float = 90) -> dict:
+    def wait_for(self, name: str, timeout: float = 90, **fields: object) -> dict:
+        """The next event called `name` (with these field values) or AssertionError with the output's end."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -262,9 +267,10 @@ class LoggedProcess:
                 if self.process.poll() is not None:
                     break
                 continue
-            if event.get("event") == name:
+            if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
                 return event
-        raise AssertionError(f"no {name!r} event within {timeout}s:\n" + "\n".join(self.lines[-30:]))
+        raise AssertionError(f"no {name!r} event {fields or ''} within {timeout}s; output ends with:\n"
+                             + "\n".join(self.lines[-40:]))
 
     def finish(self) -> list[dict]:
         """All events, once the process has exited and its output is read."""
@@ -284,9 +290,12 @@ class LoggedProcess:
         return self.process.returncode
 
     def kill(self) -> None:
-        if self.process.poll() is None:
+        if self.own_group:  # the whole group, even once the leader has exited
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        elif self.process.poll() is None:
             self.process.kill()
-            self.process.wait(10)
+        self.process.wait(10)
 
 
 def serving_process(*args: str) -> LoggedProcess:

@@ -12,18 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from helpers import LoggedProcess
 
 from clients.client import GenserveClient
 
@@ -181,49 +180,9 @@ def test_dockerfile_builds_from_the_repository_sources() -> None:
 
 # --- the entrypoints, run as the containers run them ----------------------------------------------
 
-class Entrypoint:
-    """A script in its own process group, its stdout and stderr collected line by line (JSON or not)."""
-
-    def __init__(self, args: list[str], env: dict[str, str]):
-        self.process = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self.events: list[dict] = []
-        self._events: queue.Queue[dict] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:  # type: ignore[union-attr]
-            self.lines.append(line.rstrip("\n"))
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event, dict) and "event" in event:
-                self.events.append(event)
-                self._events.put(event)
-
-    def wait_for(self, name: str, timeout: float, **fields: object) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                event = self._events.get(timeout=0.2)
-            except queue.Empty:
-                if self.process.poll() is not None and self._events.empty():
-                    break
-                continue
-            if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
-                return event
-        tail = "\n".join(self.lines[-40:])
-        raise AssertionError(f"no {name!r} event {fields or ''} within {timeout}s; output ends with:\n{tail}")
-
-    def kill(self) -> None:
-        """Kill the whole process group (a bootstrap's genserve-train too), if anything of it is left."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
+def entrypoint(args: list[str], env: dict[str, str]) -> LoggedProcess:
+    """A script run as its container runs it, in a process group of its own (a bootstrap's genserve-train too)."""
+    return LoggedProcess(args, env=env, cwd=ROOT, own_group=True)
 
 
 def run_script(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -267,7 +226,7 @@ def healthcheck(address: str) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(480)
 def test_server_entrypoint_bootstraps_an_empty_repository_and_hot_loads_the_trainers_version(tmp_path: Path) -> None:
     repository, runs = tmp_path / "models", tmp_path / "runs"  # both missing, like fresh volumes
-    server = Entrypoint(["bash", "scripts/entrypoint-server.sh", "--log-json", "--grace-period", "2"],
+    server = entrypoint(["bash", "scripts/entrypoint-server.sh", "--log-json", "--grace-period", "2"],
                         script_env(repository, runs))
     try:
         listening = server.wait_for("listening", timeout=300)  # after the bootstrap training
@@ -314,7 +273,7 @@ def test_server_entrypoint_bootstraps_an_empty_repository_and_hot_loads_the_trai
 
 
 def test_server_entrypoint_without_bootstrap_serves_an_empty_repository(tmp_path: Path) -> None:
-    server = Entrypoint(["bash", "scripts/entrypoint-server.sh", "--log-json", "--no-metrics"],
+    server = entrypoint(["bash", "scripts/entrypoint-server.sh", "--log-json", "--no-metrics"],
                         script_env(tmp_path / "models", tmp_path / "runs", GENSERVE_BOOTSTRAP="0"))
     try:
         listening = server.wait_for("listening", timeout=60)

@@ -30,7 +30,7 @@ from torch import nn
 
 from training.config import TrainConfig
 from training.models.base import Batch, GenerativeModel, SigmoidOutput, StepContext
-from training.models.gan import bce
+from training.models.gan import adversarial_report, bce
 from training.models.priors import Prior, build_prior
 
 HIDDEN = 1000
@@ -134,22 +134,7 @@ class AdversarialAutoencoder(GenerativeModel):
         g_loss.backward()
         optimizers["encoder"].step()
 
-        return self.report(recon, d_loss, g_loss, real_logits, fake_logits)
-
-    @staticmethod
-    def report(
-        recon: torch.Tensor, d_loss: torch.Tensor, g_loss: torch.Tensor, real_logits: torch.Tensor,
-        fake_logits: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        recon, d_loss, g_loss = recon.detach(), d_loss.detach(), g_loss.detach()
-        return {
-            "loss": recon + d_loss + g_loss,
-            "recon": recon,
-            "d_loss": d_loss,
-            "g_loss": g_loss,
-            "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
-            "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
-        }
+        return adversarial_report(d_loss, g_loss, real_logits, fake_logits, recon)
 
     @torch.no_grad()
     def eval_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -160,7 +145,7 @@ class AdversarialAutoencoder(GenerativeModel):
         real_logits = self.critic(self.prior_codes(len(codes), batch.labels, generator), batch.labels)
         fake_logits = self.critic(codes, batch.labels)
         d_loss = bce(real_logits, 1.0) + bce(fake_logits, 0.0)
-        return self.report(recon, d_loss, bce(fake_logits, 1.0), real_logits, fake_logits)
+        return adversarial_report(d_loss, bce(fake_logits, 1.0), real_logits, fake_logits, recon)
 
     # --- capabilities -----------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:

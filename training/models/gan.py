@@ -63,6 +63,28 @@ def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
+def adversarial_report(
+    d_loss: torch.Tensor, g_loss: torch.Tensor, real_logits: torch.Tensor, fake_logits: torch.Tensor,
+    recon: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """A step's losses as the trainer logs them: the total, the reconstruction (an AAE's), both
+    players' losses, and the critic's mean belief that real and fake inputs are real."""
+    d_loss, g_loss = d_loss.detach(), g_loss.detach()
+    if recon is None:
+        total, recon_part = d_loss + g_loss, {}
+    else:
+        recon = recon.detach()
+        total, recon_part = recon + d_loss + g_loss, {"recon": recon}
+    return {
+        "loss": total,
+        **recon_part,
+        "d_loss": d_loss,
+        "g_loss": g_loss,
+        "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
+        "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
+    }
+
+
 class MinibatchStdDev(nn.Module):
     """Appends one feature (a column, or a map for images): the standard deviation of each feature
     across the batch, averaged (Karras et al. 2018). D can then tell a batch that lacks variety, which
@@ -206,7 +228,7 @@ class GAN(GenerativeModel):
         else:
             g_loss = g_loss_before
 
-        losses = self.report(d_loss, g_loss, real_logits, fake_logits)
+        losses = adversarial_report(d_loss, g_loss, real_logits, fake_logits)
         if self.balance:
             device = d_loss.device
             losses["d_skipped"] = torch.tensor(float(not update_d), device=device)
@@ -220,19 +242,6 @@ class GAN(GenerativeModel):
         d, g = d_loss.item(), g_loss.item()
         return not d < 0.5 * g, not g < 0.5 * d
 
-    @staticmethod
-    def report(
-        d_loss: torch.Tensor, g_loss: torch.Tensor, real_logits: torch.Tensor, fake_logits: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        d_loss, g_loss = d_loss.detach(), g_loss.detach()
-        return {
-            "loss": d_loss + g_loss,
-            "d_loss": d_loss,
-            "g_loss": g_loss,
-            "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
-            "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
-        }
-
     @torch.no_grad()
     def eval_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The step's losses on a test batch, with the same noise for every call and no updates."""
@@ -241,7 +250,7 @@ class GAN(GenerativeModel):
         real_logits = self.discriminator(real)
         fake_logits = self.discriminator(self.generator(noise))
         d_loss = bce(real_logits, 1.0) + bce(fake_logits, 0.0)
-        return self.report(d_loss, bce(fake_logits, 1.0), real_logits, fake_logits)
+        return adversarial_report(d_loss, bce(fake_logits, 1.0), real_logits, fake_logits)
 
     # --- capabilities -----------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
