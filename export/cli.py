@@ -41,9 +41,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # export.pipeline imports onnxruntime: only after main() has checked that it is installed.
+    from export.gate import DEFAULT_TOLERANCE, parse_tolerance
     from export.pipeline import CHECKPOINT_CHOICES, DEFAULT_MAX_BATCH
+    from export.quality import DEFAULT_NLL_K, DEFAULT_SAMPLES
 
     parser = argparse.ArgumentParser(
         prog="genserve-export",
@@ -62,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="auto",
                         help="which checkpoint to export: auto (default) is the best by sample quality for GANs "
                         "and AAEs that measured it, else the last")
+    quality = parser.add_argument_group("quality labels and the publishing gate")
+    quality.add_argument("--quality-samples", type=_non_negative, default=DEFAULT_SAMPLES, metavar="N",
+                         help=f"samples (or test images) each quality label is measured on, through onnxruntime on "
+                         f"the exported graphs (default {DEFAULT_SAMPLES}; 0: no labels)")
+    quality.add_argument("--quality-nll-k", type=_non_negative, default=DEFAULT_NLL_K, metavar="K",
+                         help=f"importance samples per image for the VAEs' test_nll_nats label (default {DEFAULT_NLL_K}; 0: none)")
+    quality.add_argument("--gate", action="store_true",
+                         help="refuse to publish when a quality label is worse than the latest published version's "
+                         "(same metric and protocol) by more than its tolerance")
+    quality.add_argument("--force", action="store_true", help="with --gate: publish a regression anyway (the manifest records it)")
+    quality.add_argument("--gate-tolerance", type=parse_tolerance, action="append", default=[], metavar="METRIC=FRACTION",
+                         help=f"allowed regression of one metric as a fraction of the earlier value (default "
+                         f"{DEFAULT_TOLERANCE:g} = {100 * DEFAULT_TOLERANCE:g}%%; fid_domain 0.1); repeatable")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only the version directory")
     return parser
 
@@ -99,6 +118,16 @@ def report(result: ExportResult) -> str:
                 f"  sha256 {entry.sha256[:12]}"
             )
     lines.append(f"    {MANIFEST_NAME}")
+    for label in m.quality.get("labels", []):
+        unit = f" {label['unit']}" if label["unit"] else ""
+        graphs = ", ".join(g["file"] for g in label["graphs"])
+        lines.append(f"  quality: {label['metric']} {label['value']:.4g}{unit} ({label['better']} is better; "
+                     f"{label['samples']} samples, {graphs}, protocol {label['protocol']})")
+    gate = m.quality.get("gate", {})
+    if gate.get("enabled"):
+        against = gate.get("against_version")
+        verdict = "FORCED past a regression" if gate.get("forced") else "passed"
+        lines.append(f"  gate: {verdict}" + (f" against version {against}" if against else " (no earlier version)"))
     parity = m.parity
     lines.append(f"  parity: batches {parity.get('batches')} on {', '.join(parity.get('providers', []))}")
     if result.removed:
@@ -111,11 +140,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"genserve-export: error: {missing}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    from export.gate import GateConfig, QualityGateError
     from export.onnx_export import ExportError
     from export.parity import ParityError
     from export.pipeline import export_run
+    from export.quality import QualityConfig, QualityError
     from training.checkpoint import CheckpointError
 
+    if args.force and not args.gate:
+        print("genserve-export: error: --force only makes sense with --gate (it publishes past the gate)", file=sys.stderr)
+        return 2
     progress = None if args.quiet else (lambda message: print(f"{message}...", file=sys.stderr, flush=True))
     try:
         result = export_run(
@@ -126,9 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             fp16=args.fp16,
             keep=args.keep,
             checkpoint=args.checkpoint,
+            quality=QualityConfig(samples=args.quality_samples, nll_k=args.quality_nll_k),
+            gate=GateConfig(enabled=args.gate, force=args.force, tolerances=dict(args.gate_tolerance)),
             progress=progress,
         )
-    except (CheckpointError, ExportError, ParityError, RepositoryError, ValueError, OSError) as error:
+    except QualityGateError as error:
+        print(f"genserve-export: {error}", file=sys.stderr)
+        return 3
+    except (CheckpointError, ExportError, ParityError, QualityError, RepositoryError, ValueError, OSError) as error:
         print(f"genserve-export: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from export.files import dump_json
+from export.labels import LabelError, check_quality
 from export.naming import InvalidNameError, validate_model_name
 
 FORMAT_VERSION = 1
@@ -112,6 +113,8 @@ class Manifest:
     training: dict[str, Any] = field(default_factory=dict)
     exporter: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
+    # measured quality labels, sample-health references and the gate's decision (export/labels.py)
+    quality: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     value_range = (0.0, 1.0)
@@ -162,6 +165,7 @@ class Manifest:
             "training": self.training,
             "exporter": self.exporter,
             "parity": self.parity,
+            "quality": self.quality,
         }
 
     def to_json(self) -> bytes:
@@ -240,6 +244,11 @@ class Manifest:
                     raise ManifestError(
                         f"{where}: parts.{pname}.variants.{vname}.file {variant.file!r} is not listed in files"
                     )
+        quality = d.obj(data.get("quality", {}), "quality")
+        try:
+            check_quality(quality, files, where)
+        except LabelError as error:
+            raise ManifestError(str(error)) from None
         return cls(
             name=name,
             version=version,
@@ -255,6 +264,7 @@ class Manifest:
             training=d.obj(data.get("training", {}), "training"),
             exporter=d.obj(data.get("exporter", {}), "exporter"),
             parity=d.obj(data.get("parity", {}), "parity"),
+            quality=quality,
             format_version=fmt,
         )
 

@@ -15,7 +15,8 @@ import onnx
 import torch
 
 from export.files import json_safe
-from export.manifest import Manifest, PartSpec, VariantSpec, graph_metadata
+from export.gate import GateConfig, check_gate
+from export.manifest import Manifest, PartSpec, RepositoryError, VariantSpec, graph_metadata
 from export.naming import default_model_name, validate_model_name
 from export.onnx_export import OPSET, ExportError, PartSignature, describe_part, export_part, with_metadata
 from export.parity import (
@@ -33,6 +34,7 @@ from export.parity import (
     reference_outputs,
 )
 from export.provenance import exporter_info
+from export.quality import QualityConfig, QualityMeter, unmeasured_reason
 from export.repository import Repository, check_keep
 from training.files import write_bytes_durable
 
@@ -115,6 +117,33 @@ def export_part_checked(
     return _PartExport(signature, graphs, results, skipped, time.perf_counter() - started)
 
 
+def _quality_meter(model: Any, config: Any, quality: QualityConfig, parts: list[str]) -> tuple[QualityMeter | None, str | None]:
+    """What measures the labels (the run's test set loaded, from the run's data folder or else
+    $GENSERVE_DATA), or None and why not."""
+    from training.data.errors import DatasetError
+    from training.data.registry import load_dataset
+
+    dataset, error = None, None
+    for data_dir in dict.fromkeys([config.data_dir, None]):
+        try:
+            dataset = load_dataset(config.dataset, data_dir, config.image_size).limited(config.limit)
+            break
+        except (DatasetError, ValueError, OSError) as failure:
+            error = failure
+    reason = unmeasured_reason(model, dataset, quality, parts)
+    if reason is not None:
+        return None, reason + (f" ({error})" if dataset is None and error else "")
+    return QualityMeter(model, config, dataset, quality), None
+
+
+def _latest_manifest(repo: Repository, name: str) -> Manifest | None:
+    try:
+        latest = repo.latest(name)
+    except RepositoryError:
+        return None
+    return None if latest is None else repo.load_manifest(name, latest)
+
+
 def _check_arguments(run_dir: Path, name: str | None, max_batch: int, keep: int | None, checkpoint: str) -> None:
     """Fail on bad arguments before the slow work starts."""
     if checkpoint not in CHECKPOINT_CHOICES:
@@ -193,13 +222,19 @@ def export_run(
     tolerance: Tolerance = FP32_TOLERANCE,
     fp16_tolerance: Tolerance = FP16_TOLERANCE,
     opset: int = OPSET,
+    quality: QualityConfig | None = None,
+    gate: GateConfig | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export run_dir's last (or best) checkpoint as the next version of `name` in `repository`.
 
     Every servable part becomes <part>.onnx (and <part>.fp16.onnx with fp16), parity-checked at
     batch 1, 7 and max_batch on CPU (and CUDA where onnxruntime has it) before anything is published.
-    Raises CheckpointError, ExportError, ParityError, RepositoryError or ValueError with the reason.
+    Each version is labelled with its quality measured on the fp32 graphs as published (`quality`,
+    export/quality.py); with gate.enabled a regression against the latest published version's
+    comparable labels refuses to publish (export/gate.py).
+    Raises CheckpointError, ExportError, ParityError, RepositoryError, QualityError, QualityGateError
+    or ValueError with the reason.
     """
     from training.checkpoint import load_trained_model  # heavy; keeps `import export` light
 
@@ -223,6 +258,7 @@ def export_run(
     if not parts:
         raise ExportError(f"{model.kind} returned no servable parts; nothing to export")
 
+    quality, gate = quality or QualityConfig(), gate or GateConfig()
     batches, providers = parity_batches(max_batch), providers_to_check()
     latent_dim = _latent_dim(model)
     exports: dict[str, _PartExport] = {}
@@ -251,14 +287,28 @@ def export_run(
         parity=_parity_record(exports, batches, providers, tolerances),
     )
 
+    say("preparing the quality measurement")
+    meter, unmeasured = _quality_meter(model, config, quality, list(exports))
+    warnings: list[str] = []
+
     def build(staging: Path, version: int) -> Manifest:
         # Only metadata_props differ from the parity-checked graphs; the computation is identical.
         manifest = replace(base, version=version)
+        published: dict[str, tuple[str, bytes]] = {}
         for part, e in exports.items():
             for variant, graph in e.graphs.items():
                 data = with_metadata(graph, graph_metadata(manifest, part, variant))
                 write_bytes_durable(staging / graph_file(part, variant), data)
-        return manifest
+                if variant == "fp32":
+                    published[part] = (graph_file(part, variant), data)
+        # Labels describe exactly the bytes published (their sha256 is checked against `files`).
+        say(f"measuring quality of version {version} on its ONNX graphs")
+        record = meter.measure(published) if meter else {"labels": [], "unmeasured": unmeasured,
+                                                         "config": quality.to_dict()}
+        record["gate"], gate_warnings = check_gate(name, version, record, _latest_manifest(repo, name), gate)
+        warnings[:] = ([f"no quality labels: {unmeasured}"] if unmeasured else []) + gate_warnings
+        record["warnings"] = list(warnings)
+        return replace(manifest, quality=record)
 
     say("publishing")
     version = repo.publish(name, build)
@@ -273,6 +323,6 @@ def export_run(
             f"{s.part} ({s.variant}) was not checked on {s.provider}: {s.reason}"
             for e in exports.values()
             for s in e.skipped
-        ],
+        ] + warnings,
         seconds=time.perf_counter() - started,
     )
