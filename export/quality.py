@@ -102,6 +102,9 @@ class QualityMeter:
     def __init__(self, model: GenerativeModel, train_config: TrainConfig, dataset: ImageDataset, config: QualityConfig):
         self.model, self.train_config, self.dataset, self.config = model, train_config, dataset, config
         self.reference = {"dataset": dataset.name, "split": "test"}
+        from training.trainer import resolve_binarize  # as the run trained and measured its test losses
+
+        self.binarize = resolve_binarize(train_config)
 
     def measure(self, graphs: Graphs) -> dict[str, Any]:
         """The manifest's quality section for these graph bytes: labels and sample-health references."""
@@ -150,7 +153,7 @@ class QualityMeter:
 
     def _loader(self, noisy: bool):
         noise = self.train_config.noise_factor if noisy else None
-        return fixed_test_loader(self._test_images(), None, RUN_BATCH, binarize=bool(self.train_config.binarize),
+        return fixed_test_loader(self._test_images(), None, RUN_BATCH, binarize=self.binarize,
                                  noise_factor=noise)
 
     # --- samples: fid_domain and class_coverage -----------------------------------------------
@@ -203,7 +206,7 @@ class QualityMeter:
                 log_px_z = log_likelihood(probs, x.expand(k, *x.shape).flatten(0, 1)).view(k, -1)
                 log_qz = -0.5 * (eps.square() + logvar + math.log(2 * math.pi)).sum(-1)
                 nll.append(-(torch.logsumexp(log_px_z + standard_normal_log_prob(z) - log_qz, 0) - math.log(k)))
-        likelihood = {"likelihood": model.likelihood, "binarized": bool(self.train_config.binarize)}
+        likelihood = {"likelihood": model.likelihood, "binarized": self.binarize}
         if getattr(model, "log_sigma", None) is not None:
             likelihood["decoder_log_sigma"] = round(float(model.log_sigma.detach()), 6)
         reference = {**self.reference, "images": count}
@@ -229,7 +232,7 @@ class QualityMeter:
             outputs.append(rows)
             mse.append(per_image_mse(torch.from_numpy(rows), batch.images))
         mse_all = torch.cat(mse)
-        extra: dict[str, Any] = {"binarized": bool(self.train_config.binarize)}
+        extra: dict[str, Any] = {"binarized": self.binarize}
         if self.model.noisy_inputs:
             extra["noise_factor"] = self.train_config.noise_factor
         reference = {**self.reference, "images": len(mse_all)}

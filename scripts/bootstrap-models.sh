@@ -17,6 +17,9 @@
 #   GENSERVE_NLL_K=50 GENSERVE_NLL_IMAGES=500   the VAE's final importance-sampled NLL
 #   GENSERVE_EXPORT_MAX_BATCH=  largest batch of the export's parity check (unset: genserve-export's 64)
 #   GENSERVE_KEEP=              then keep only the newest N versions (never one a server serves)
+#   GENSERVE_GATE=              1: genserve-export --gate (a version whose quality labels regress the
+#                               latest published one's is refused; the others are still exported, exit 3)
+#   GENSERVE_GATE_TOLERANCE=    space-separated METRIC=FRACTION for --gate-tolerance (e.g. test_psnr_db=0.05)
 #   GENSERVE_DEVICE=auto        training device (auto: CUDA when present)
 #   GENSERVE_BIN=               directory holding genserve-train/-export (default: PATH, else .venv/bin)
 set -euo pipefail
@@ -43,6 +46,8 @@ common=(--dataset mnist-5k --epochs "$epochs" --batch-size "${GENSERVE_BATCH_SIZ
 export_args=()
 [[ -n "${GENSERVE_EXPORT_MAX_BATCH:-}" ]] && export_args+=(--max-batch "$GENSERVE_EXPORT_MAX_BATCH")
 [[ -n "${GENSERVE_KEEP:-}" ]] && export_args+=(--keep "$GENSERVE_KEEP")
+[[ "${GENSERVE_GATE:-}" == 1 ]] && export_args+=(--gate)
+for tolerance in ${GENSERVE_GATE_TOLERANCE:-}; do export_args+=(--gate-tolerance "$tolerance"); done
 
 say() { echo "==> [bootstrap] $*" >&2; }
 
@@ -56,8 +61,15 @@ for kind in $models; do
     say "training $kind on mnist-5k ($epochs epochs) into $runs/$kind"
     genserve-train "$kind" "${common[@]}" "${extra[@]}" --out "$runs/$kind"
 done
+status=0
 for kind in $models; do
     say "exporting $runs/$kind as mnist-$kind into $repository"
-    genserve-export "$runs/$kind" --repository "$repository" --name "mnist-$kind" "${export_args[@]}"
+    genserve-export "$runs/$kind" --repository "$repository" --name "mnist-$kind" "${export_args[@]}" || {
+        rc=$?
+        [[ $rc -eq 3 ]] || exit $rc
+        say "the quality gate refused mnist-$kind (see above); its published versions are unchanged"
+        status=3
+    }
 done
 say "done: $(cd "$repository" && ls -d mnist-*/[0-9]* 2>/dev/null | tr '\n' ' ')"
+exit $status

@@ -117,6 +117,7 @@ def test_compose_file_is_valid_and_has_the_services() -> None:
     assert mounts(trainer) == mounts(server)  # publishes into the volume the server polls
     assert trainer["depends_on"]["server"]["condition"] == "service_healthy"
     assert trainer["restart"] == "no"
+    assert trainer["environment"]["GENSERVE_GATE"] == "1"  # bootstrap-models.sh: genserve-export --gate
 
     prometheus = services["prometheus"]
     assert prometheus["image"].startswith("prom/prometheus:")

@@ -299,6 +299,7 @@ def test_training_job_publishes_into_the_servers_repository() -> None:
     server = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
               for v in resource("Deployment", "genserve")["spec"]["template"]["spec"]["volumes"]}
     assert claim["models"] == server["models"] == "genserve-models"
+    assert env["GENSERVE_GATE"] == "1"  # bootstrap-models.sh: genserve-export --gate
 
 
 @pytest.mark.parametrize("kind, name", [("Deployment", "genserve"), ("Job", "genserve-train"), ("ServingRuntime", "genserve")])
