@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from export.labels import labels_of
+from export.manifest import Manifest
 from serving import codec, latents
 from serving.calls import Call, Calls
 from serving.config import Limits
@@ -75,6 +77,22 @@ def _numbers(values: Any, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, int | float) and not isinstance(value, bool):
             result[f"{prefix}{key}"] = float(value)
     return result
+
+
+def _quality(manifest: Manifest) -> list[pb.QualityLabel]:
+    """The version's quality labels as messages (validated when the manifest was loaded)."""
+    return [
+        pb.QualityLabel(
+            metric=label.metric, value=label.value, better=label.better, unit=label.unit, samples=label.samples,
+            protocol=label.protocol, reference_dataset=str(label.reference.get("dataset", "")),
+            reference_split=str(label.reference.get("split", "")),
+            feature_extractor=str((label.feature_extractor or {}).get("name", "")),
+            feature_extractor_sha256=str((label.feature_extractor or {}).get("sha256", "")),
+            graphs=[pb.MeasuredGraph(part=g.part, file=g.file, sha256=g.sha256) for g in label.graphs],
+            label_json=json.dumps(label.to_dict(), sort_keys=True),
+        )
+        for label in labels_of(manifest.quality)
+    ]
 
 
 class GenserveService(genserve_pb2_grpc.GenserveServicer):
@@ -150,6 +168,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                 models.append(pb.ModelSummary(
                     name=name, kind=newest.manifest.kind, latest_version=newest.version, versions=versions,
                     parts=sorted(newest.graphs), ready=True, operations=operations(newest),
+                    quality=_quality(newest.manifest),
                 ))
             return pb.ListModelsResponse(models=models)
 
@@ -179,6 +198,7 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
                 versions=self.manager.loaded().get(loaded.name, []),
                 metrics=_numbers(m.training.get("final_metrics")), dataset=m.dataset or "",
                 created_at=m.created_at, operations=operations(loaded), manifest_json=m.to_json().decode(),
+                quality=_quality(m), quality_gate_forced=bool(m.quality.get("gate", {}).get("forced")),
             )
 
         return await self.calls.run("GetModel", context, body)

@@ -8,6 +8,7 @@ versions). Shared memory, tracing, log settings and streaming are not supported 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
@@ -15,6 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 import grpc
 import numpy as np
 
+from export.labels import labels_of
+from export.manifest import Manifest
 from serving.calls import Call, Calls, ServerState, end_call
 from serving.config import Limits
 from serving.errors import InvalidArgument, NotFound, ServingError
@@ -54,6 +57,16 @@ def _model_name(name: str) -> str:
         return check_name(name)
 
 
+def quality_parameters(manifest: Manifest) -> dict[str, float | str]:
+    """quality.<metric> -> value for each quality label, and quality_json -> the labels as in the manifest."""
+    labels = labels_of(manifest.quality)
+    if not labels:
+        return {}
+    values: dict[str, float | str] = {f"quality.{label.metric}": label.value for label in labels}
+    values["quality_json"] = json.dumps([label.to_dict() for label in labels], sort_keys=True)
+    return values
+
+
 class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, manager: ModelManager, calls: Calls, limits: Limits, state: ServerState):
         self.manager = manager
@@ -88,7 +101,13 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             async with use_graph(self.manager, request.name, request.version) as graph:
                 call.bind(graph.model, graph.version)
                 tensor = pb.ModelMetadataResponse.TensorMetadata
+                manifest = self.manager.resolve(graph.model, graph.version).manifest
+                parameters = {
+                    key: pb.InferParameter(string_param=value) if isinstance(value, str) else pb.InferParameter(double_param=value)
+                    for key, value in quality_parameters(manifest).items()
+                }
                 return pb.ModelMetadataResponse(
+                    parameters=parameters,
                     name=graph.oip_name,
                     versions=[str(v) for v in self.manager.loaded().get(graph.model, [])],
                     platform=PLATFORM,
@@ -129,6 +148,8 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 "execution_provider": mc.ModelParameter(string_value=graph.session.provider),
                 "variant": mc.ModelParameter(string_value=graph.variant),
                 "genserve_kind": mc.ModelParameter(string_value=loaded.manifest.kind),
+                **{key: mc.ModelParameter(string_value=value if isinstance(value, str) else repr(value))
+                   for key, value in quality_parameters(loaded.manifest).items()},
             },
         )
 

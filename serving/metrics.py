@@ -14,11 +14,16 @@
     genserve_model_load_failures_total{model, stage}            versions refused (verify | load | gpu | warmup)
     genserve_execution_provider_info{model, version, part, provider}   1 for the provider in use
     genserve_repository_errors_total                           repository scans that could not read it
+    genserve_model_quality{model, version, metric}              a served version's quality labels (export/labels.py)
+    genserve_sample_values_total{model, version, part}          pixel values image graphs produced, and of them
+    genserve_sample_nonfinite_values_total{...}, genserve_sample_saturated_values_total{...}
+    genserve_sample_diversity_ratio{model, version, part}       per-execution diversity / export's (serving/sample_health.py)
     process_cpu_seconds_total, process_resident_memory_bytes, ...     (prometheus-client's ProcessCollector)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import socket
 import sys
@@ -37,8 +42,12 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
+from export.labels import labels_of
+from export.manifest import Manifest
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DIVERSITY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.1, 1.25, 1.5, 2.0, 4.0)
 
 
 class ServerMetrics:
@@ -98,9 +107,39 @@ class ServerMetrics:
             "genserve_repository_errors", "Repository scans that failed to read the repository (gone, unmounted, no permission).",
             registry=r,
         )
+        self.model_quality = Gauge(
+            "genserve_model_quality", "A served version's quality label, measured at export on its ONNX graphs.",
+            ["model", "version", "metric"], registry=r,
+        )
+        health = ["model", "version", "part"]
+        self.sample_values = Counter(
+            "genserve_sample_values", "Pixel values produced by image graphs (the denominator of the sample-health fractions).",
+            health, registry=r,
+        )
+        self.sample_nonfinite = Counter(
+            "genserve_sample_nonfinite_values", "Produced pixel values that were NaN or infinite.", health, registry=r,
+        )
+        self.sample_saturated = Counter(
+            "genserve_sample_saturated_values", "Produced pixel values within half an 8-bit step of 0 or 1.", health, registry=r,
+        )
+        self.sample_diversity = Histogram(
+            "genserve_sample_diversity_ratio",
+            "Per execution: mean pairwise distance of its first samples over the same figure measured at export.",
+            health, buckets=DIVERSITY_BUCKETS, registry=r,
+        )
         ProcessCollector(registry=r)
         self._http: _BoundedThreadingServer | None = None
         self._thread: threading.Thread | None = None
+
+    def show_quality(self, manifest: Manifest, serving: bool = True) -> None:
+        """Set (or, with serving=False, remove) genserve_model_quality for a version's labels."""
+        for label in labels_of(manifest.quality):
+            key = (manifest.name, str(manifest.version), label.metric)
+            if serving:
+                self.model_quality.labels(*key).set(label.value)
+            else:
+                with contextlib.suppress(KeyError):  # never shown
+                    self.model_quality.remove(*key)
 
     def serve(self, host: str, port: int, *, token: str | None = None, request_timeout_s: float = 10.0,
               max_connections: int = 16) -> int:
