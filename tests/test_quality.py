@@ -62,7 +62,9 @@ def test_sample_statistics() -> None:
     images = np.zeros((8, 1, 2, 2), np.float32)
     assert diversity(images) == 0.0  # collapsed: every sample alike
     images[::2] = 1.0
-    assert diversity(images) == pytest.approx(16 / 28)  # 16 of the 28 pairs differ by 1 everywhere
+    assert diversity(images) == pytest.approx(1.0)  # every consecutive pair differs by 1 everywhere
+    images[:4] = 1.0
+    assert diversity(images) == pytest.approx(3 / 7)  # pairs (4, 5), (5, 6), (6, 7) differ
     images[0, 0, 0, 0] = np.nan
     assert nonfinite_count(images) == 1 and diversity(images) is None
     assert saturated_count(np.array([0.0, 0.001, 0.5, 0.999, 1.0, np.nan])) == 4
