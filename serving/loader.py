@@ -23,6 +23,7 @@ from serving.config import ModelSettings
 from serving.logs import log_event
 from serving.metrics import ServerMetrics
 from serving.runtime import GpuRequiredError, GraphSession, load_session
+from serving.sample_health import sample_health
 from serving.statistics import GraphStats
 from serving.versions import LoadedGraph, LoadedVersion
 
@@ -136,9 +137,10 @@ def start_version(manifest: Manifest, sessions: PreparedSessions, settings: Mode
     graphs = {}
     for part, (variant, session) in sessions.items():
         stats = GraphStats(name, version, part, metrics)
+        health = sample_health(metrics, manifest, part)  # image outputs: watched as each execution returns
         batcher = DynamicBatcher(
             f"{name}.{part} version {version}",
-            session.run,
+            health.wrap(session.run) if health else session.run,
             executor,
             max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,

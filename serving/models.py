@@ -268,6 +268,7 @@ class ModelManager:
         loaded = start_version(manifest, sessions, settings, self._executor, self.metrics)
         self._set(loaded.name, loaded.version, VersionState(State.READY, loaded=loaded))
         self.metrics.model_ready.labels(loaded.name, str(loaded.version)).set(1)
+        self.metrics.show_quality(manifest)
         self._count()
         return loaded
 
@@ -299,6 +300,7 @@ class ModelManager:
         assert loaded is not None and record.state is State.READY
         self._set(name, version, VersionState(State.UNLOADING, loaded=loaded))
         self.metrics.model_ready.labels(name, str(version)).set(0)
+        self.metrics.show_quality(loaded.manifest, serving=False)
         self._count()
         task = asyncio.get_running_loop().create_task(self._drain(loaded))
         self._retiring.add(task)
