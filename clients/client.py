@@ -75,6 +75,7 @@ class ModelInfo:
     dataset: str
     created_at: str
     execution_providers: dict[str, list[str]] = field(default_factory=dict)
+    quality: dict[str, float] = field(default_factory=dict)  # the version's quality labels, metric -> value
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ class GenserveClient:
             dataset=r.dataset,
             created_at=r.created_at,
             execution_providers={p.name: list(p.execution_providers) for p in r.parts},
+            quality={q.metric: q.value for q in r.quality},
         )
 
     # --- operations -----------------------------------------------------------------------------

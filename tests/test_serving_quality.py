@@ -21,6 +21,7 @@ from test_serving_support import (
     server_config,
 )
 
+from clients.client import GenserveClient
 from export import Manifest, Repository
 from export.labels import labels_of
 from serving.protos import genserve_pb2 as pb
@@ -93,6 +94,8 @@ def test_labels_reach_every_api(server: RunningServer, channel, name: str) -> No
         assert message.reference_split == "test" and json.loads(message.label_json) == label.to_dict()
         assert message.feature_extractor_sha256 == ((label.feature_extractor or {}).get("sha256") or "")
     assert not response.quality_gate_forced
+    with GenserveClient(server.address, timeout=30) as client:
+        assert client.model(name).quality == {label.metric: label.value for label in labels}
     summary = next(m for m in genserve.ListModels(pb.ListModelsRequest()).models if m.name == name)
     assert [(q.metric, q.value) for q in summary.quality] == [(label.metric, label.value) for label in labels]
 
