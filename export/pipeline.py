@@ -306,7 +306,7 @@ def export_run(
         record = meter.measure(published) if meter else {"labels": [], "unmeasured": unmeasured,
                                                          "config": quality.to_dict()}
         record["gate"], gate_warnings = check_gate(name, version, record, _latest_manifest(repo, name), gate)
-        warnings[:] = ([f"no quality labels: {unmeasured}"] if unmeasured else []) + gate_warnings
+        warnings[:] = ([f"no quality labels: {unmeasured}"] if unmeasured else []) + record.pop("notes", []) + gate_warnings
         record["warnings"] = list(warnings)
         return replace(manifest, quality=record)
 

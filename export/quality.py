@@ -111,6 +111,7 @@ class QualityMeter:
         sessions = {part: _Session(part, file, data) for part, (file, data) in graphs.items()}
         families = self.model.metric_families
         labels: list[QualityLabel] = []
+        self.notes: list[str] = []
         health: dict[str, dict[str, float]] = {}
         sampler = sessions.get("generator") or (sessions.get("decoder") if self.model.can_sample else None)
         if sampler is not None:
@@ -129,6 +130,7 @@ class QualityMeter:
             "sample_health": {"parts": health, "diversity_rows": self.config.diversity_rows},
             "measured_with": {"runtime": "onnxruntime", "version": ort.__version__, "provider": PROVIDER},
             "config": self.config.to_dict(),
+            "notes": self.notes,
         }
 
     # --- helpers --------------------------------------------------------------------------------
@@ -163,7 +165,8 @@ class QualityMeter:
 
         dataset = self.dataset
         if dataset.num_classes < 2 or dataset.train_labels is None or dataset.test_labels is None:
-            return []  # no labelled classes: no domain classifier (noted in the manifest's warnings)
+            self.notes.append(f"no fid_domain or class_coverage: {dataset.name} has no class labels for the domain classifier")
+            return []
         labelled = classifier_dataset(dataset, self.train_config)
         classifier, accuracy = domain_classifier(labelled, "cpu")
         extractor = {"name": "domain_classifier", "version": VERSION, "sha256": _weights_sha256(classifier),
