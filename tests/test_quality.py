@@ -22,10 +22,11 @@ from export.cli import main as cli_main
 from export.gate import GateConfig, QualityGateError, parse_tolerance
 from export.labels import labels_of
 from export.pipeline import _quality_meter, export_run
-from export.quality import QualityConfig
+from export.quality import QualityConfig, QualityMeter
 from export.sample_stats import diversity, nonfinite_count, saturated_count
 from training.checkpoint import load_trained_model
 from training.config import TrainConfig
+from training.data.types import ImageDataset
 from training.evaluation.reconstruction import per_image_mse, psnr_db
 
 QUALITY = QualityConfig(samples=64, nll_k=2)
@@ -102,7 +103,7 @@ def test_labels_are_measured_on_the_onnx_graph_not_the_torch_model(tmp_path: Pat
     assert measured["sample_health"]["parts"]["decoder"]["diversity"] != manifest.quality["sample_health"]["parts"]["decoder"]["diversity"]
 
 
-def test_generator_labels_name_the_feature_extractor_and_round_trip(tmp_path: Path) -> None:
+def test_generator_labels_name_the_feature_extractor_and_round_trip(tmp_path: Path, mnist_5k) -> None:
     run = make_run(tmp_path / "gan", "gan", SHAPE)
     result = export_run(run, tmp_path / "repo", max_batch=2, quality=QUALITY)
     manifest = result.manifest
@@ -124,6 +125,14 @@ def test_generator_labels_name_the_feature_extractor_and_round_trip(tmp_path: Pa
     tampered["quality"]["labels"][0]["settings"]["samples"] = 1
     with pytest.raises(ManifestError, match="protocol"):
         Manifest.from_dict(tampered)
+    # without class labels there is no domain classifier: no sample labels, and the record says why
+    model, config, _, _ = load_trained_model(run)
+    full = QualityMeter(model, config, mnist_5k, QUALITY).dataset
+    unlabelled = ImageDataset(full.name, full.train_images, None, full.test_images, None, None)
+    graph = Repository(tmp_path / "repo").read_part(manifest, "generator")
+    record = QualityMeter(model, config, unlabelled, QUALITY).measure({"generator": ("generator.onnx", graph)})
+    assert record["labels"] == [] and "no class labels" in record["notes"][0]
+    assert record["sample_health"]["parts"]["generator"] == manifest.quality["sample_health"]["parts"]["generator"]
 
 
 def test_gate_refuses_a_worse_version_accepts_a_better_one_and_records_force(
