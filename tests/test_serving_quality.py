@@ -18,6 +18,7 @@ from test_serving_support import (
     RunningServer,
     copy_repository,
     golden_repository,  # noqa: F401 - a fixture
+    publish_copy,
     server_config,
 )
 
@@ -142,3 +143,12 @@ def test_saturation_and_diversity_series(server: RunningServer, channel) -> None
     genserve.Encode(pb.EncodeRequest(model="mnist-vae", images=pb.Images(tensor=pb.Tensor(
         dtype=pb.DATA_TYPE_FLOAT32, shape=[1, 1, 28, 28], data=np.zeros((1, 1, 28, 28), np.float32).tobytes()))))
     assert scrape(server, "genserve_sample_values_total", model="mnist-vae", part="encoder") is None
+
+
+def test_a_retired_version_leaves_the_quality_gauge(server: RunningServer) -> None:
+    repo = Repository(server.config.repository)
+    metric = labels_of(repo.load_manifest("mnist-dae", 1).quality)[0].metric
+    assert publish_copy(repo, "mnist-dae", 1) == 2  # the same graphs: the labels still describe them
+    server.run(server.server.manager.poll_once())  # version 2 loads, version 1 retires (one loaded)
+    assert scrape(server, "genserve_model_quality", model="mnist-dae", version="2", metric=metric) is not None
+    assert scrape(server, "genserve_model_quality", model="mnist-dae", version="1", metric=metric) is None
