@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from export import Repository
-    from export.pipeline import _quality_meter, export_run
+    from export.pipeline import export_run, quality_meter
     from export.quality import QualityConfig
     from training.checkpoint import load_trained_model
     from training.evaluation.classifier import domain_classifier
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             run = untrained_run(Path(tmp) / kind, kind)
             repo = Repository(Path(tmp) / "repo")
             model, config, _, _ = load_trained_model(run)
-            meter, _ = _quality_meter(model, config, QualityConfig(samples=args.samples), list(model.servable_parts()))
+            meter, _ = quality_meter(model, config, QualityConfig(samples=args.samples), list(model.servable_parts()))
             if "samples" in model.metric_families:  # train and cache the domain classifier before timing
                 domain_classifier(classifier_dataset(meter.dataset, config))
             export_run(run, repo, max_batch=8, quality=QualityConfig(samples=0))  # warm-up (torch.onnx's first export)

@@ -117,7 +117,7 @@ def export_part_checked(
     return _PartExport(signature, graphs, results, skipped, time.perf_counter() - started)
 
 
-def _quality_meter(model: Any, config: Any, quality: QualityConfig, parts: list[str]) -> tuple[QualityMeter | None, str | None]:
+def quality_meter(model: Any, config: Any, quality: QualityConfig, parts: list[str]) -> tuple[QualityMeter | None, str | None]:
     """What measures the labels (the run's test set loaded, from the run's data folder or else
     $GENSERVE_DATA), or None and why not."""
     from training.data.errors import DatasetError
@@ -288,7 +288,7 @@ def export_run(
     )
 
     say("preparing the quality measurement")
-    meter, unmeasured = _quality_meter(model, config, quality, list(exports))
+    meter, unmeasured = quality_meter(model, config, quality, list(exports))
     warnings: list[str] = []
 
     def build(staging: Path, version: int) -> Manifest:

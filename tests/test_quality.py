@@ -21,7 +21,7 @@ from export import Manifest, ManifestError, Repository
 from export.cli import main as cli_main
 from export.gate import GateConfig, QualityGateError, parse_tolerance
 from export.labels import labels_of
-from export.pipeline import _quality_meter, export_run
+from export.pipeline import export_run, quality_meter
 from export.quality import QualityConfig, QualityMeter
 from export.sample_stats import diversity, nonfinite_count, saturated_count
 from training.checkpoint import load_trained_model
@@ -87,7 +87,7 @@ def test_labels_are_measured_on_the_onnx_graph_not_the_torch_model(tmp_path: Pat
 
     # The torch model agrees with the honest graph (parity) ...
     model, config, _, _ = load_trained_model(run)
-    meter, reason = _quality_meter(model, config, QUALITY, ["encoder", "decoder"])
+    meter, reason = quality_meter(model, config, QUALITY, ["encoder", "decoder"])
     assert reason is None
     images = meter.dataset.test_images[:64].float() / 255
     with torch.no_grad():
