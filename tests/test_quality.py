@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import numpy_helper
+from helpers import rigged_graph
 from onnx_speed import fast_onnx_exports
 from test_export import make_run
 
@@ -43,20 +42,6 @@ def label(manifest: Manifest, metric: str) -> dict:
     found = [entry for entry in manifest.quality["labels"] if entry["metric"] == metric]
     assert found, f"no {metric} label in {[e['metric'] for e in manifest.quality['labels']]}"
     return found[0]
-
-
-def rigged(graph: bytes, scale: float = 0.0, offset: float = 1.0) -> bytes:
-    """The same graph with its output replaced by output * scale + offset (default: all white);
-    same inputs, outputs and weights, so parity with the torch model is all that is broken."""
-    model = onnx.load_from_string(graph)
-    output = model.graph.output[0].name
-    for node in model.graph.node:
-        node.output[:] = [f"{output}_raw" if name == output else name for name in node.output]
-    model.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), "rig_scale"),
-                                    numpy_helper.from_array(np.array(offset, np.float32), "rig_offset")])
-    model.graph.node.extend([onnx.helper.make_node("Mul", [f"{output}_raw", "rig_scale"], [f"{output}_scaled"]),
-                             onnx.helper.make_node("Add", [f"{output}_scaled", "rig_offset"], [output])])
-    return model.SerializeToString()
 
 
 def test_sample_statistics() -> None:
@@ -95,7 +80,7 @@ def test_labels_are_measured_on_the_onnx_graph_not_the_torch_model(tmp_path: Pat
     assert psnr["value"] == pytest.approx(torch_psnr, abs=1e-3)
     # ... and a rigged graph with the same model beside it gets its own, different label.
     encoder = repo.read_part(manifest, "encoder")
-    damaged = rigged(repo.read_part(manifest, "decoder"))
+    damaged = rigged_graph(repo.read_part(manifest, "decoder"))
     measured = meter.measure({"encoder": ("encoder.onnx", encoder), "decoder": ("decoder.onnx", damaged)})
     rigged_label = labels_of(measured)[0]
     assert abs(rigged_label.value - torch_psnr) > 0.5

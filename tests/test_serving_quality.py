@@ -13,14 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from test_quality import rigged
-from test_serving_support import (
-    RunningServer,
-    copy_repository,
-    golden_repository,  # noqa: F401 - a fixture
-    publish_copy,
-    server_config,
-)
+from helpers import RunningServer, copy_repository, publish_copy, rigged_graph, server_config
 
 from clients.client import GenserveClient
 from export import Manifest, Repository
@@ -44,7 +37,7 @@ def publish_rigged(repo: Repository, source: str, name: str, scale: float, offse
         for file in manifest.files:
             shutil.copyfile(version_dir / file, staging / file)
         generator = staging / manifest.file_for("generator")
-        generator.write_bytes(rigged(generator.read_bytes(), scale, offset))
+        generator.write_bytes(rigged_graph(generator.read_bytes(), scale, offset))
         return dataclasses.replace(manifest, name=name, version=version, files={},
                                    quality={**manifest.quality, "labels": []})
 
@@ -52,7 +45,7 @@ def publish_rigged(repo: Repository, source: str, name: str, scale: float, offse
 
 
 @pytest.fixture(scope="module")
-def server(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def server(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     repo = copy_repository(golden_repository, tmp_path_factory.mktemp("quality") / "repo", LABELLED)
     publish_rigged(repo, "mnist-gan", NAN, float("nan"), 0.0)
     publish_rigged(repo, "mnist-gan", WHITE, 0.0, 1.0)
