@@ -250,11 +250,14 @@ def test_server_entrypoint_bootstraps_an_empty_repository_and_hot_loads_the_trai
             noisy = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
             assert client.denoise("mnist-dae", noisy).version == 1
 
-            # The trainer container's command: train the denoiser again and publish mnist-dae version 2.
+            # The trainer container's command: train the denoiser again and publish mnist-dae version 2,
+            # through the quality gate as compose runs it (the same recipe measures the same PSNR).
             trainer = run_script(["bash", "scripts/entrypoint-trainer.sh"],
-                                 script_env(repository, runs, GENSERVE_MODELS="dae"), timeout=300)
+                                 script_env(repository, runs, GENSERVE_MODELS="dae", GENSERVE_GATE="1"), timeout=300)
             assert trainer.returncode == 0, trainer.stdout
-            assert (repository / "mnist-dae" / "2" / "manifest.json").is_file()
+            gate = json.loads((repository / "mnist-dae" / "2" / "manifest.json").read_text())["quality"]["gate"]
+            assert gate["enabled"] and gate["against_version"] == 1 and not gate["forced"]
+            assert [c["metric"] for c in gate["comparisons"]] == ["test_psnr_db"]
             assert not (repository / "mnist-vae" / "2").exists()
             assert len(list(runs.glob("train-*/dae/checkpoints"))) == 1
 
