@@ -1,7 +1,7 @@
 """genserve-serve: serve a model repository over gRPC (genserve.v1 and the Open Inference Protocol).
 
     genserve-serve --repository REPO [--wait-for-repository] [--host 127.0.0.1] [--port 8001] [--metrics-port 8002]
-                   [--config FILE] [--require-gpu] [--log-json]
+                   [--config FILE] [--require-gpu] [--log-json] [--workers N]
 
 Flags override the config file (YAML or TOML; see serving/config.py and docs/serving.md).
 """
@@ -17,8 +17,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 from export.cli import missing_onnxruntime
-from serving.config import ConfigError, load_config
+from serving.config import ConfigError, ServerConfig, load_config
 from serving.logs import configure_logging, log_event
+from serving.worker_group import WorkerContext
 
 STARTUP_FAILED = 1
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, dest="poll_interval_s", help="seconds between repository scans (0: never)")
     p.add_argument("--grace-period", type=float, dest="grace_period_s", help="seconds in-flight calls get on shutdown")
     p.add_argument("--inference-threads", type=int, help="threads running onnxruntime sessions")
+    p.add_argument("--workers", type=int, help="server processes sharing the port (SO_REUSEPORT), each with its "
+                   "own event loop, sessions and batchers (default 1; docs/serving.md, 'Workers')")
     p.add_argument("--require-gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="refuse to serve any graph on the CPU")
     p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None, help="JSON log lines")
@@ -68,11 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_metrics:
         config = dataclasses.replace(config, metrics_port=None)
     configure_logging(config.log_json, config.log_level)
+    if config.workers > 1:
+        from serving.workers import supervise
+
+        return supervise(config)
+    return run_server(config)
+
+
+def run_server(config: ServerConfig, worker: WorkerContext | None = None) -> int:
+    """Serve in this process (as one of the workers when `worker` is given) until SIGTERM/SIGINT;
+    returns the exit status."""
     from serving.runtime import GpuRequiredError  # imports onnxruntime: only once it is known to be there
     from serving.server import StartupError, serve  # imports the generated code
 
     try:
-        return run_event_loop(serve(config), config.event_loop)
+        return run_event_loop(serve(config, worker), config.event_loop)
     except GpuRequiredError as error:
         log_event(log, "gpu_required", level=logging.ERROR, error=str(error))
         return 3

@@ -187,6 +187,9 @@ class ServerConfig:
     wait_for_repository: bool = False  # start when the repository does not exist yet (else an error)
     require_gpu: bool = False  # refuse to serve a graph that onnxruntime runs on the CPU
     inference_threads: int = 2  # threads running onnxruntime sessions (off the event loop)
+    # server processes sharing the port (SO_REUSEPORT), each with its own event loop, sessions and
+    # batchers, under one supervisor (serving/workers.py); 1: this process serves alone
+    workers: int = 1
     grace_period_s: float = 10.0  # on SIGTERM/SIGINT, in-flight calls get this long to finish
     event_loop: str = "auto"  # auto (uvloop when installed, else asyncio's) | uvloop | asyncio
     log_json: bool = False
@@ -217,6 +220,8 @@ class ServerConfig:
         _positive("grace_period_s", self.grace_period_s, allow_zero=True)
         if isinstance(self.inference_threads, bool) or not isinstance(self.inference_threads, int) or self.inference_threads < 1:
             raise ConfigError(f"inference_threads must be a positive integer, got {self.inference_threads!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers must be a positive integer (server processes), got {self.workers!r}")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -79,14 +79,14 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.manager.ready and not self.state.shutting_down)
+        return pb.ServerReadyResponse(ready=self.manager.serving_ready and not self.state.shutting_down)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         async def body(call: Call) -> pb.ModelReadyResponse:
             parse_version(request.version)  # a malformed version is INVALID_ARGUMENT, not "not ready"
             try:
-                async with use_graph(self.manager, request.name, request.version):
-                    return pb.ModelReadyResponse(ready=True)
+                async with use_graph(self.manager, request.name, request.version) as graph:
+                    return pb.ModelReadyResponse(ready=self.manager.agreed(graph.model, graph.version))
             except ServingError:
                 return pb.ModelReadyResponse(ready=False)
 

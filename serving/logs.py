@@ -55,10 +55,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
-def configure_logging(json_lines: bool = False, level: str = "info") -> None:
-    """Send genserve's logs (and grpc's warnings) to stderr, one line per event."""
+class _ContextFilter(logging.Filter):
+    """Adds fixed fields (a worker's slot and pid) to every line."""
+
+    def __init__(self, context: dict[str, Any]):
+        super().__init__()
+        self.context = context
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        setattr(record, FIELDS, {**self.context, **getattr(record, FIELDS, {})})
+        return True
+
+
+def configure_logging(json_lines: bool = False, level: str = "info", context: dict[str, Any] | None = None) -> None:
+    """Send genserve's logs (and grpc's warnings) to stderr, one line per event, with `context`'s
+    fields on every line."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    if context:
+        handler.addFilter(_ContextFilter(context))
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)

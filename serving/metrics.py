@@ -19,12 +19,22 @@
     genserve_sample_nonfinite_values_total{...}, genserve_sample_saturated_values_total{...}
     genserve_sample_diversity_ratio{model, version, part}       per-execution diversity / export's (serving/sample_health.py)
     process_cpu_seconds_total, process_resident_memory_bytes, ...     (prometheus-client's ProcessCollector)
+
+With `genserve-serve --workers N` every worker writes its metrics to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, as under gunicorn) and the
+supervisor serves them once, summed over workers: counters and histograms add up (those of
+restarted workers included), gauges follow their `multiprocess_mode` (queue depth: the sum over
+live workers; versions ready: the minimum). Process metrics (CPU, memory) are per process and not
+exported then (a prometheus_client limitation); the supervisor adds
+    genserve_worker_restarts_total                              workers that died and were restarted
+    genserve_workers                                            worker processes running
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import os
 import socket
 import sys
 import threading
@@ -40,6 +50,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     make_wsgi_app,
+    multiprocess,
 )
 
 from export.labels import labels_of
@@ -48,6 +59,8 @@ from export.manifest import Manifest
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DIVERSITY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.1, 1.25, 1.5, 2.0, 4.0)
+# prometheus_client's multiprocess mode (a worker of `genserve-serve --workers N`), fixed at import
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 class ServerMetrics:
@@ -89,11 +102,16 @@ class ServerMetrics:
         )
         self.queue_depth = Gauge(
             "genserve_inference_queue_depth", "Requests waiting in a batcher queue.", ["model", "part"], registry=r,
+            multiprocess_mode="livesum",
         )
-        self.models_loaded = Gauge("genserve_models_loaded", "Model versions loaded.", registry=r)
-        self.models_ready = Gauge("genserve_models_ready", "Model versions taking traffic.", registry=r)
+        # With workers: loaded anywhere (the most any worker has), ready everywhere (the least).
+        self.models_loaded = Gauge("genserve_models_loaded", "Model versions loaded.", registry=r,
+                                   multiprocess_mode="livemax")
+        self.models_ready = Gauge("genserve_models_ready", "Model versions taking traffic.", registry=r,
+                                  multiprocess_mode="livemin")
         self.model_ready = Gauge(
             "genserve_model_ready", "1 while a model version takes traffic.", ["model", "version"], registry=r,
+            multiprocess_mode="livemin",
         )
         self.load_failures = Counter(
             "genserve_model_load_failures", "Model versions that failed to load and were refused, by stage.",
@@ -101,7 +119,7 @@ class ServerMetrics:
         )
         self.provider = Gauge(
             "genserve_execution_provider_info", "1 for the onnxruntime execution provider a graph runs on.",
-            ["model", "version", "part", "provider"], registry=r,
+            ["model", "version", "part", "provider"], registry=r, multiprocess_mode="livemax",
         )
         self.repository_errors = Counter(
             "genserve_repository_errors", "Repository scans that failed to read the repository (gone, unmounted, no permission).",
@@ -109,7 +127,7 @@ class ServerMetrics:
         )
         self.model_quality = Gauge(
             "genserve_model_quality", "A served version's quality label, measured at export on its ONNX graphs.",
-            ["model", "version", "metric"], registry=r,
+            ["model", "version", "metric"], registry=r, multiprocess_mode="livemostrecent",
         )
         health = ["model", "version", "part"]
         self.sample_values = Counter(
@@ -128,18 +146,56 @@ class ServerMetrics:
             health, buckets=DIVERSITY_BUCKETS, registry=r,
         )
         ProcessCollector(registry=r)
-        self._http: _BoundedThreadingServer | None = None
-        self._thread: threading.Thread | None = None
+        self._endpoint = MetricsEndpoint(r)
 
     def show_quality(self, manifest: Manifest, serving: bool = True) -> None:
-        """Set (or, with serving=False, remove) genserve_model_quality for a version's labels."""
+        """Set (or, with serving=False, remove) genserve_model_quality for a version's labels.
+        With workers (multiprocess mode) labels cannot be removed: a retired version's stay."""
         for label in labels_of(manifest.quality):
             key = (manifest.name, str(manifest.version), label.metric)
             if serving:
                 self.model_quality.labels(*key).set(label.value)
-            else:
+            elif not MULTIPROCESS:
                 with contextlib.suppress(KeyError):  # never shown
                     self.model_quality.remove(*key)
+
+    def serve(self, host: str, port: int, *, token: str | None = None, request_timeout_s: float = 10.0,
+              max_connections: int = 16) -> int:
+        """Serve this registry on /metrics (see MetricsEndpoint.serve); returns the bound port."""
+        return self._endpoint.serve(host, port, token=token, request_timeout_s=request_timeout_s,
+                                    max_connections=max_connections)
+
+    def stop(self) -> None:
+        self._endpoint.stop()
+
+
+class SupervisorMetrics:
+    """The supervisor's side of multiprocess mode: its own two metrics (written to its own files in
+    PROMETHEUS_MULTIPROC_DIR like the workers') and one registry that collects every file."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        # Not registered in the collecting registry: the collector reads them from the files already.
+        own = CollectorRegistry()
+        self.restarts = Counter("genserve_worker_restarts", "Worker processes that died and were restarted.",
+                                registry=own)
+        self.workers = Gauge("genserve_workers", "Worker processes running.", registry=own, multiprocess_mode="livesum")
+        self.registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(self.registry, path=directory)
+        self.endpoint = MetricsEndpoint(self.registry)
+
+    def worker_gone(self, pid: int) -> None:
+        """Drop a dead worker's live gauges (its counters and histograms stay in the sums)."""
+        multiprocess.mark_process_dead(pid, self.directory)
+
+
+class MetricsEndpoint:
+    """/metrics over HTTP for one registry, in a thread."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self._http: _BoundedThreadingServer | None = None
+        self._thread: threading.Thread | None = None
 
     def serve(self, host: str, port: int, *, token: str | None = None, request_timeout_s: float = 10.0,
               max_connections: int = 16) -> int:

@@ -32,6 +32,7 @@ from serving.loader import LoadError, PreparedSessions, prepare_version, start_v
 from serving.logs import log_event
 from serving.metrics import ServerMetrics
 from serving.versions import IndexEntry, LoadedVersion, ModelStates, State, VersionState
+from serving.worker_group import WorkerGroup
 
 log = logging.getLogger("genserve.models")
 
@@ -77,6 +78,7 @@ class ModelManager:
         # version (what is loaded keeps its state and keeps serving)
         self._repository_error: str | None = None
         self.ready = False
+        self.group: WorkerGroup | None = None  # the other workers, when this is one of several
 
     # --- states ---------------------------------------------------------------------------------
     def _states(self, name: str) -> ModelStates:
@@ -124,7 +126,7 @@ class ModelManager:
             known = ", ".join(self.loaded()) or "none"
             raise NotFound(f"no model {name!r} is loaded (loaded models: {known})")
         if not version:
-            return versions[max(versions)]
+            return versions[self._newest(name)]
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidArgument(f"version must be a positive integer or 0 (newest), got {version!r}")
         if version not in versions:
@@ -149,6 +151,38 @@ class ModelManager:
             loaded.in_flight -= 1
             if loaded.in_flight == 0:
                 loaded.idle.set()
+
+    # --- workers (serving/worker_group.py) -------------------------------------------------------
+    def agreed(self, name: str, version: int) -> bool:
+        """Whether a version is SERVING: loaded here and, with workers, by every ready worker."""
+        return version in self._ready(name) and (self.group is None or self.group.others_have(name, version))
+
+    @property
+    def serving_ready(self) -> bool:
+        """The initial load is done (with workers: by every worker)."""
+        return self.ready and (self.group is None or self.group.all_ready(self.ready))
+
+    def _newest(self, name: str) -> int:
+        """The version requests without one get: the newest SERVING one (the newest loaded one
+        while no version is agreed yet, as when this worker alone loaded a new model)."""
+        versions = self._ready(name)
+        return max([v for v in versions if self.agreed(name, v)] or versions)
+
+    def regroup(self) -> None:
+        """The workers' versions changed: retire what every worker has replaced, update the gauges."""
+        for name, versions in self.loaded().items():
+            self._retire_beyond(name, self._ready(name)[versions[-1]].settings.max_loaded_versions)
+        for name, versions in self.loaded().items():
+            for version in versions:
+                self.metrics.model_ready.labels(name, str(version)).set(int(self.agreed(name, version)))
+        self._count()
+
+    def _one_process_only(self, what: str) -> None:
+        if self.group is not None:
+            raise FailedPrecondition(
+                f"{what} would reach one of the {self.group.context.workers} workers only; with --workers, "
+                "publish versions into the repository (genserve-export) and every worker loads them"
+            )
 
     # --- loading --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -211,6 +245,8 @@ class ModelManager:
         keeps serving); a refused version is only tried again when `explicit`.
         """
         check_name(name)
+        if explicit:
+            self._one_process_only("RepositoryModelLoad")
         async with self._exclusive(name):
             if explicit:
                 self._set_unloaded(name, False)
@@ -267,15 +303,15 @@ class ModelManager:
         """Put a prepared version into service (on the loop)."""
         loaded = start_version(manifest, sessions, settings, self._executor, self.metrics)
         self._set(loaded.name, loaded.version, VersionState(State.READY, loaded=loaded))
-        self.metrics.model_ready.labels(loaded.name, str(loaded.version)).set(1)
+        self.metrics.model_ready.labels(loaded.name, str(loaded.version)).set(int(self.agreed(loaded.name, loaded.version)))
         self.metrics.show_quality(manifest)
         self._count()
         return loaded
 
     def _count(self) -> None:
-        total = sum(len(self._ready(name)) for name in self._models)
-        self.metrics.models_loaded.set(total)
-        self.metrics.models_ready.set(total)
+        loaded = self.loaded()
+        self.metrics.models_loaded.set(sum(len(versions) for versions in loaded.values()))
+        self.metrics.models_ready.set(sum(self.agreed(n, v) for n, versions in loaded.items() for v in versions))
 
     def _mark(self, name: str, versions: set[int]) -> None:
         """Blocking (loader thread): rewrite this server's serving mark for `name`."""
@@ -290,7 +326,12 @@ class ModelManager:
 
     # --- retiring -------------------------------------------------------------------------------
     def _retire_beyond(self, name: str, keep: int) -> None:
-        for version in list(self._ready(name))[:-keep]:
+        """Keep the `keep` newest SERVING versions, and any newer one not yet loaded by every worker."""
+        versions = list(self._ready(name))
+        serving = [v for v in versions if self.agreed(name, v)]
+        if not serving:
+            return
+        for version in [v for v in versions if v <= serving[-1]][:-keep]:
             self._retire(name, version)
 
     def _retire(self, name: str, version: int) -> None:
@@ -320,6 +361,7 @@ class ModelManager:
     async def unload(self, name: str) -> list[int]:
         """Unload every version of `name` (in-flight requests finish first); returns them."""
         check_name(name)
+        self._one_process_only("RepositoryModelUnload")
         if not self._ready(name) and name not in await self._in_loader(self._known_models):
             raise NotFound(f"no model {name!r} in the repository or loaded")
         async with self._exclusive(name):
@@ -410,7 +452,11 @@ class ModelManager:
             states = self._states(name)
             loaded = states.ready()
             for version, ready in loaded.items():
-                entries.append(IndexEntry(name, version, State.READY.value, parts=tuple(ready.graphs)))
+                if self.agreed(name, version):
+                    entries.append(IndexEntry(name, version, State.READY.value, parts=tuple(ready.graphs)))
+                elif not ready_only and self.group is not None:
+                    waiting = f"loaded by this worker; {self.group.waiting_for(name, version)} other worker(s) still loading it"
+                    entries.append(IndexEntry(name, version, State.LOADING.value, waiting, tuple(ready.graphs)))
             if ready_only:
                 continue
             for version, record in sorted(states.versions.items()):

@@ -35,6 +35,7 @@ from serving.metrics import ServerMetrics
 from serving.models import ModelManager, holder_name
 from serving.protos import genserve_pb2, genserve_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from serving.runtime import GPU_PROVIDERS, GpuRequiredError, available_providers
+from serving.worker_group import WorkerContext, WorkerGroup
 
 log = logging.getLogger("genserve.server")
 GENSERVE_SERVICE = genserve_pb2.DESCRIPTOR.services_by_name["Genserve"].full_name
@@ -145,10 +146,14 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 class GenserveServer:
-    """One server process's gRPC server, model manager and metrics endpoint."""
+    """One server process's gRPC server, model manager and metrics endpoint. As one of several
+    workers (`worker`), it shares the port and agrees with the others on what is SERVING
+    (serving/worker_group.py); the supervisor serves the metrics then."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, worker: WorkerContext | None = None):
         self.config = config
+        self.group = WorkerGroup(worker) if worker is not None else None
+        self._following: asyncio.Task[None] | None = None
         self.metrics = ServerMetrics()
         self.state = ServerState()
         self.port: int | None = None
@@ -169,14 +174,18 @@ class GenserveServer:
         self._check_gpu()
         repository = Repository(config.repository)
         check_repository(repository, config)
-        check_ports(config)
+        if self.group is None:  # workers: the supervisor checked, and holds the port for them
+            check_ports(config)
         token = config.token()
         self._server = self._create_grpc_server(token)
         credentials = _credentials(config)
         self.port = self._bind(credentials)
         self._warn_if_exposed(secure=credentials is not None, authenticated=token is not None)
-        self.manager = ModelManager(repository, config, self.metrics, self._executor,
-                                    config.serving_holder or holder_name(config.host, self.port))
+        holder = config.serving_holder or holder_name(config.host, self.port)
+        if self.group is not None:  # each worker marks what it serves itself
+            holder = f"{holder}-w{self.group.context.slot}"
+        self.manager = ModelManager(repository, config, self.metrics, self._executor, holder)
+        self.manager.group = self.group
         self._add_services(self.manager)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
@@ -186,7 +195,10 @@ class GenserveServer:
                   tls=credentials is not None, auth=token is not None, repository=str(repository.root),
                   event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
         await self.manager.load_all()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.group is None:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        else:  # SERVING once every worker is ready
+            self._following = asyncio.get_running_loop().create_task(self.group.follow(self.manager, self._regroup))
         self.manager.start_polling(config.poll_interval_s)
         self._log_serving(repository)
 
@@ -205,7 +217,7 @@ class GenserveServer:
         interceptors.append(RequestDecodingInterceptor(limits.receive_timeout_s, RequestBudget(limits.max_in_flight_request_bytes)))
         return grpc.aio.server(
             interceptors=interceptors,
-            options=[*limits.grpc_options(), ("grpc.so_reuseport", 0)],
+            options=[*limits.grpc_options(), ("grpc.so_reuseport", int(self.group is not None))],
             maximum_concurrent_rpcs=limits.max_concurrent_calls,
         )
 
@@ -251,6 +263,14 @@ class GenserveServer:
     async def _set_health(self, status: int) -> None:
         for service in HEALTH_SERVICES:
             await self._health.set(service, status)
+
+    async def _regroup(self) -> None:
+        """The workers' records changed: retire what every worker has replaced, update health."""
+        assert self.manager is not None
+        self.manager.regroup()
+        if not self.state.shutting_down:
+            serving = self.manager.serving_ready
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _serve_metrics(self) -> int | None:
         """Start the /metrics endpoint (unless disabled); returns its port."""
@@ -300,6 +320,11 @@ class GenserveServer:
                 drained = await self.state.wait_quiet(QUIET_BEFORE_CLOSE_S, grace)
                 log_event(log, "calls_drained" if drained else "grace_period_over", in_flight=self.state.in_flight)
             await self._server.stop(0)
+        if self._following is not None:
+            self._following.cancel()
+            await asyncio.gather(self._following, return_exceptions=True)
+        if self.group is not None:
+            self.group.withdraw()
         if self.manager is not None:
             await self.manager.close()
         self.metrics.stop()
@@ -312,9 +337,9 @@ class GenserveServer:
         await self._stopped.wait()
 
 
-async def serve(config: ServerConfig) -> int:
+async def serve(config: ServerConfig, worker: WorkerContext | None = None) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit status."""
-    server = GenserveServer(config)
+    server = GenserveServer(config, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
