@@ -3,6 +3,8 @@
     .venv/bin/python -m benchmarks.serving_bench --quick      # about 1-2 minutes on 2 cores
     .venv/bin/python -m benchmarks.serving_bench              # full: more workloads, longer cells
     .venv/bin/python -m benchmarks.serving_bench --json out.json --repository REPO
+    .venv/bin/python -m benchmarks.serving_bench --modes on --workers 1,2,1,2 --channels 8 \
+        --only "dense-vae Generatex1,health"                 # server worker processes, interleaved
 
 What runs, in one process (the load generator) plus one server subprocess at a time:
   in-process  the limit: onnxruntime sessions of the same graphs, same intra-op threads as the
@@ -19,6 +21,10 @@ slow server is not hidden; at most --max-in-flight outstanding, the rest counted
 Closed-loop cells with more than --max-rows-in-flight rows outstanding (256 clients x 256 samples) are
 skipped: they only measure queueing. Every cell is bounded in time (--duration) and count (--max-requests); every call has a deadline.
 The loopback only; the server's /metrics gives each cell's batch-size histogram.
+Workers: `--workers 1,2` runs each mode once per worker count (`genserve-serve --workers N`, the
+mode shown as `on w=2`), in the order given, so `1,2,1,2` interleaves them. The load generator
+opens `--channels` connections (clients.client.open_channels) and sends calls over them in turn:
+one connection reaches one worker.
 
 This is a measurement, not a test: it asserts nothing about timings. The target ratios of
 genserve issue 7 are computed and printed (met / missed) at the end.
@@ -80,6 +86,7 @@ def workloads(full: bool) -> list[Workload]:
     items += [Workload("mnist-vae", "ModelInfer", n) for n in (1, 16, 256)]
     if full:
         items += [Workload("mnist-dcgan", "Generate", n) for n in (1, 16, 256)]
+        items += [Workload("mnist-dense-vae", "Generate", 1)]
         items += [Workload("mnist-vae", "Generate", 16, fmt) for fmt in ("uint8", "png")]
     return items
 
@@ -200,7 +207,7 @@ MODES = {
 class ServerProcess:
     """genserve-serve in a subprocess on loopback ports, with one settings mode."""
 
-    def __init__(self, repository: Path, mode: str, args: argparse.Namespace, workdir: Path):
+    def __init__(self, repository: Path, mode: str, args: argparse.Namespace, workdir: Path, workers: int = 1):
         self.port, self.metrics_port = free_port(), free_port()
         defaults = {
             "max_batch_size": args.max_batch,
@@ -219,16 +226,18 @@ class ServerProcess:
             "poll_interval_s": 0,
             "inference_threads": args.inference_threads,
             "grace_period_s": 1.0,
+            "workers": workers,
             "event_loop": args.event_loop,
             "log_level": "warning",
             "limits": {"max_samples_per_request": 1024, "max_images_per_request": 1024},
             "defaults": defaults,
         }
         self.settings = defaults
-        path = workdir / f"server-{mode}.yaml"
+        self.label = mode if workers == 1 and not getattr(args, "workers_given", False) else f"{mode} w={workers}"
+        path = workdir / f"server-{mode}-w{workers}.yaml"
         path.write_text(yaml.safe_dump(config))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        self.log = open(workdir / f"server-{mode}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.log = open(workdir / f"server-{mode}-w{workers}.log", "a")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serving.cli", "--config", str(path)], stdout=self.log, stderr=subprocess.STDOUT, env=env
         )
@@ -305,28 +314,37 @@ def stub_call(channel: grpc.aio.Channel, rpc: str):
 
 
 @contextlib.asynccontextmanager
-async def sender(address: str, w: Workload, deadline_s: float):
-    """An async `send(i)` for the workload, warmed up (connection and graph); errors raise with a code."""
+async def sender(address: str, w: Workload, deadline_s: float, channels: int = 1):
+    """An async `send(i)` for the workload, warmed up (connections and graph); errors raise with a
+    code. Call i goes over channel i % channels (each its own connection)."""
     if w.rpc == "ModelInfer":
         async with _oip_sender(address, w, deadline_s) as send:
             yield send
         return
+    from clients.client import open_channels
+
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
+    opened = open_channels(address, channels, options=options, aio=True)
+    try:
         if w.rpc == "Check":  # the floor: an RPC that does no work, through the same server and client
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            call, requests = health_pb2_grpc.HealthStub(channel).Check, [health_pb2.HealthCheckRequest()]
+            calls = [health_pb2_grpc.HealthStub(channel).Check for channel in opened]
+            requests = [health_pb2.HealthCheckRequest()]
         else:
-            call, requests = stub_call(channel, w.rpc), [request_for(w, seed) for seed in range(8)]
+            calls = [stub_call(channel, w.rpc) for channel in opened]
+            requests = [request_for(w, seed) for seed in range(8)]
 
         async def send(i: int) -> None:
-            await call(requests[i % len(requests)], timeout=deadline_s)
+            await calls[i % len(calls)](requests[i % len(requests)], timeout=deadline_s)
 
-        for i in range(2):
+        for i in range(2 * len(calls)):
             with contextlib.suppress(grpc.RpcError):
                 await send(i)
         yield send
+    finally:
+        for channel in opened:
+            await channel.close()
 
 
 @contextlib.asynccontextmanager
@@ -365,10 +383,11 @@ def error_code(error: Exception) -> str:
     return str(status).rsplit(".", 1)[-1] if status else type(error).__name__
 
 
-async def closed_loop(address: str, w: Workload, clients: int, duration: float, max_requests: int, deadline_s: float):
+async def closed_loop(address: str, w: Workload, clients: int, duration: float, max_requests: int, deadline_s: float,
+                      channels: int = 1):
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    async with sender(address, w, deadline_s) as send:
+    async with sender(address, w, deadline_s, channels) as send:
         issued = 0
         loop = asyncio.get_running_loop()
         end = loop.time() + duration
@@ -393,11 +412,11 @@ async def closed_loop(address: str, w: Workload, clients: int, duration: float, 
 
 
 async def open_loop(address: str, w: Workload, rate: float, duration: float, max_requests: int, deadline_s: float,
-                    max_in_flight: int):
+                    max_in_flight: int, channels: int = 1):
     latencies: list[float] = []
     errors: dict[str, int] = {}
     not_sent = 0
-    async with sender(address, w, deadline_s) as send:
+    async with sender(address, w, deadline_s, channels) as send:
         in_flight: set[asyncio.Task] = set()
 
         async def one(i: int, scheduled: float) -> None:
@@ -530,16 +549,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-in-flight", type=int, default=512, help="open loop: outstanding requests at most")
     p.add_argument("--only", help="run only workloads whose label contains one of these, comma-separated "
                    "(e.g. 'Generatex1,health')")
+    p.add_argument("--workers", help="server worker processes, comma-separated, in this order (e.g. 1,2,1,2; default 1)")
+    p.add_argument("--channels", type=int, default=1,
+                   help="connections the load generator opens and sends over in turn (default 1; one reaches one worker)")
     p.add_argument("--json", type=Path, help="also write every cell and the environment as JSON here")
     args = p.parse_args(argv)
+    args.workers_given = args.workers is not None
+    worker_counts = [int(n) for n in (args.workers or "1").split(",")]
 
     full = not args.quick
     duration = args.duration or (5.0 if full else 1.5)
     concurrency = [int(c) for c in (args.concurrency or ("1,8,64,256" if full else "1,8,64")).split(",")]
     rates = [float(r) for r in (args.rates or ("100,400,1600" if full else "200,800")).split(",")]
     modes = (args.modes or "off,on,on-delay").split(",")
-    items = workloads(full)
     only = args.only.split(",") if args.only else None
+    items = workloads(full or only is not None)  # --only picks from every workload; --quick then only shortens cells
     if only:
         items = [w for w in items if any(o in w.label for o in only)]
     repository = args.repository or default_repository()
@@ -551,23 +575,24 @@ def main(argv: list[str] | None = None) -> int:
     for c in cells:
         print(f"  {c.mode:10} {c.workload:28} {c.samples_per_s:10.0f} samples/s  p99 {c.p99_ms:.2f} ms", flush=True)
     with tempfile.TemporaryDirectory(prefix="genserve-bench-") as tmp:
-        for mode in modes:
-            server = ServerProcess(repository, mode, args, Path(tmp))
+        for mode, workers in [(m, n) for m in modes for n in worker_counts]:
+            server = ServerProcess(repository, mode, args, Path(tmp), workers)
+            label, channels = server.label, args.channels
             try:
                 server.wait_serving()
-                print(f"# server {mode}: {server.settings}", flush=True)
+                print(f"# server {label}: {server.settings}", flush=True)
                 for w in [*items, *([EMPTY_RPC] if not only or any(o in EMPTY_RPC.label for o in only) else [])]:
-                    loads = [(f"c={n}", closed_loop(server.address, w, n, duration, args.max_requests, args.deadline))
+                    loads = [(f"c={n}", closed_loop(server.address, w, n, duration, args.max_requests, args.deadline, channels))
                              for n in concurrency if n * w.rows <= args.max_rows_in_flight]
                     if w.rpc == "Generate" and w.rows in (1, 16) and w.model == "mnist-vae" and w.image_format == "float32":
                         loads += [(f"r={r:.0f}/s", open_loop(server.address, w, r, duration, args.max_requests,
-                                                             args.deadline, args.max_in_flight)) for r in rates]
+                                                             args.deadline, args.max_in_flight, channels)) for r in rates]
                     if w == EMPTY_RPC and mode != "on":
                         continue
                     for load, coroutine in loads:
-                        cell = run_cell(server, mode, w, load, coroutine)
+                        cell = run_cell(server, label, w, load, coroutine)
                         cells.append(cell)
-                        print(f"  {mode:10} {w.label:28} {load:9} {cell.samples_per_s:10.0f} samples/s  "
+                        print(f"  {label:10} {w.label:28} {load:9} {cell.samples_per_s:10.0f} samples/s  "
                               f"p99 {cell.p99_ms:.2f} ms  rows/exec {cell.batch_mean:.1f}  errors {cell.errors or '-'}",
                               flush=True)
             finally:

@@ -11,11 +11,16 @@ on the wire they are raw tensors or PNG files (`image_encoding`). Every call has
 restart, a shutdown, a model loading), within that deadline. Failed calls raise GenserveError;
 arrays that cannot be sent (or responses that cannot be read) raise CodecError, a ValueError.
 
+Against a server with several worker processes (`genserve-serve --workers N`), `channels=N`
+opens N connections and sends calls over them in turn: gRPC keeps all of one channel's calls on one
+connection, and the kernel hands each connection to one worker (docs/serving.md, "Workers").
+
 It imports grpc, numpy, PIL and the generated messages, never the server, torch or matplotlib.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -35,7 +40,22 @@ from serving.protos import genserve_pb2_grpc
 Response = TypeVar("Response")
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 RETRIED = (grpc.StatusCode.UNAVAILABLE,)
-__all__ = ["DEFAULT_ADDRESS", "CodecError", "Encoding", "GenserveClient", "GenserveError", "Images", "ModelInfo", "ModelSummary"]
+__all__ = ["DEFAULT_ADDRESS", "CodecError", "Encoding", "GenserveClient", "GenserveError", "Images", "ModelInfo", "ModelSummary",
+           "open_channels"]
+
+
+def open_channels(address: str, count: int = 1, *, options: Sequence[tuple[str, Any]] = (),
+                  credentials: grpc.ChannelCredentials | None = None, aio: bool = False) -> list[Any]:
+    """`count` channels to `address`, each its own connection (grpc.use_local_subchannel_pool: by
+    default gRPC shares one connection among channels with the same target and options), so that
+    a server with several workers gets calls on several of them. grpc.aio channels with `aio`."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"channels must be a positive integer, got {count!r}")
+    grpc_module: Any = grpc.aio if aio else grpc
+    own = [*options, *([("grpc.use_local_subchannel_pool", 1)] if count > 1 else [])]
+    if credentials is not None:
+        return [grpc_module.secure_channel(address, credentials, options=own) for _ in range(count)]
+    return [grpc_module.insecure_channel(address, options=own) for _ in range(count)]
 
 
 class GenserveError(Exception):
@@ -125,6 +145,7 @@ class GenserveClient:
         max_backoff_s: float = 2.0,
         image_encoding: str = "raw",
         max_message_bytes: int = 64 * 1024 * 1024,
+        channels: int = 1,
     ):
         if image_encoding not in IMAGE_ENCODINGS:
             raise ValueError(f"image_encoding must be 'raw' or 'png', not {image_encoding!r}")
@@ -132,14 +153,15 @@ class GenserveClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        credentials = None
         if tls or root_certificates is not None or client_certificate is not None:
             credentials = grpc.ssl_channel_credentials(
                 _read(root_certificates), _read(client_key), _read(client_certificate)
             )
-            self._channel = grpc.secure_channel(address, credentials, options=options)
-        else:
-            self._channel = grpc.insecure_channel(address, options=options)
-        self._stub = genserve_pb2_grpc.GenserveStub(self._channel)
+        self._channels = open_channels(address, channels, options=options, credentials=credentials)
+        self._channel = self._channels[0]
+        self._stubs = [genserve_pb2_grpc.GenserveStub(channel) for channel in self._channels]
+        self._turn = itertools.count()  # which channel the next call takes (next() is atomic in CPython)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.address = address
         self.timeout = timeout
@@ -151,7 +173,8 @@ class GenserveClient:
 
     # --- plumbing -------------------------------------------------------------------------------
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> GenserveClient:
         return self
@@ -161,7 +184,7 @@ class GenserveClient:
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """One RPC with a deadline, retried with backoff on UNAVAILABLE while time is left."""
-        rpc: Callable[..., Any] = getattr(self._stub, method)
+        rpc: Callable[..., Any] = getattr(self._stubs[next(self._turn) % len(self._stubs)], method)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         attempt = 0
         while True:
