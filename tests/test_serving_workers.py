@@ -27,9 +27,8 @@ from clients.client import GenserveClient, open_channels
 from export import Repository
 from serving.config import ConfigError, load_config
 from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc
+from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
 from serving.protos import grpc_service_pb2 as oip
-from serving.protos import grpc_service_pb2_grpc
 
 MODEL = "mnist-dense-vae"  # the quickest to load and run
 CHANNELS = 16  # connections: the kernel hands each to one of the 2 workers (all on one: 2 ** -15)
