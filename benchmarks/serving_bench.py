@@ -119,6 +119,8 @@ class Cell:
     batch_mean: float = float("nan")
     batch_hist: str = ""
     load_avg: float = float("nan")
+    client_cores: float = float("nan")  # CPU seconds per second of the load generator during the cell
+    server_cores: float = float("nan")  # ... and of the server's processes (supervisor and workers)
 
     @property
     def requests_per_s(self) -> float:
@@ -446,19 +448,39 @@ async def open_loop(address: str, w: Workload, rate: float, duration: float, max
     return elapsed, latencies, errors, not_sent
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and its live children, from /proc (Linux; nan elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, found = 0.0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / tick
+            found = True
+    return total if found else float("nan")
+
+
 def run_cell(server: ServerProcess, mode: str, w: Workload, load: str, coroutine) -> Cell:
     before = scrape_batch_sizes(server.metrics_url, w.model)
+    client_before, server_before, started = time.process_time(), cpu_seconds(server.process.pid), time.perf_counter()
     elapsed, latencies, errors, not_sent = asyncio.run(coroutine)
+    wall = time.perf_counter() - started
+    client_cores = (time.process_time() - client_before) / wall
+    server_cores = (cpu_seconds(server.process.pid) - server_before) / wall
     after = scrape_batch_sizes(server.metrics_url, w.model)
     mean, hist = batch_summary(before, after)
     return Cell(mode, w.label, w.rows, load, elapsed, len(latencies), errors, not_sent, *percentiles(latencies),
-                batch_mean=mean, batch_hist=hist, load_avg=load_average())
+                batch_mean=mean, batch_hist=hist, load_avg=load_average(), client_cores=client_cores,
+                server_cores=server_cores)
 
 
 # --- output ------------------------------------------------------------------------------------
 def table(cells: list[Cell]) -> str:
     header = ("mode", "workload", "load", "req/s", "samples/s", "p50 ms", "p90 ms", "p99 ms", "errors", "rows/exec",
-              "batch sizes (executions)", "load1")
+              "batch sizes (executions)", "cores client/server", "load1")
     rows = []
     for c in cells:
         errors = " ".join(f"{k}:{v}" for k, v in sorted(c.errors.items()))
@@ -466,7 +488,9 @@ def table(cells: list[Cell]) -> str:
             errors = (errors + f" not-sent:{c.not_sent}").strip()
         rows.append((c.mode, c.workload, c.load, f"{c.requests_per_s:.0f}", f"{c.samples_per_s:.0f}", f"{c.p50_ms:.2f}",
                      f"{c.p90_ms:.2f}", f"{c.p99_ms:.2f}", errors or "-", "-" if c.batch_mean != c.batch_mean else f"{c.batch_mean:.1f}",
-                     c.batch_hist or "-", f"{c.load_avg:.2f}"))
+                     c.batch_hist or "-",
+                     "-" if c.client_cores != c.client_cores else f"{c.client_cores:.2f}/{c.server_cores:.2f}",
+                     f"{c.load_avg:.2f}"))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(v).ljust(widths[i]) for i, v in enumerate(r)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
