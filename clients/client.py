@@ -128,7 +128,7 @@ def _read(value: str | Path | bytes | None) -> bytes | None:
 
 
 class GenserveClient:
-    """A connection to one genserve server. Thread-safe; close() it (or use `with`)."""
+    """A connection (or `channels` of them) to one genserve server. Thread-safe; close() it (or use `with`)."""
 
     def __init__(
         self,
