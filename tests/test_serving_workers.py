@@ -5,8 +5,10 @@ a killed worker is restarted and counted."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 import urllib.request
 from datetime import datetime
@@ -29,6 +31,7 @@ from serving.config import ConfigError, load_config
 from serving.protos import genserve_pb2 as pb
 from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
 from serving.protos import grpc_service_pb2 as oip
+from serving.worker_group import WorkerContext, WorkerGroup, record_path
 
 MODEL = "mnist-dense-vae"  # the quickest to load and run
 CHANNELS = 16  # connections: the kernel hands each to one of the 2 workers (all on one: 2 ** -15)
@@ -221,3 +224,26 @@ def test_a_worker_that_cannot_start_ends_the_server(tmp_path: Path) -> None:
 def test_workers_must_be_a_positive_integer() -> None:
     with pytest.raises(ConfigError, match="workers must be a positive integer"):
         load_config(None, repository="repo", workers=0)
+
+
+def test_the_group_agrees_over_live_ready_workers_only(tmp_path: Path) -> None:
+    def record(slot: int, pid: int, ready: bool, versions: list[int]) -> None:
+        data = {"slot": slot, "pid": pid, "ready": ready, "loaded": {MODEL: versions} if versions else {}}
+        record_path(tmp_path, slot).write_text(json.dumps(data))
+
+    group = WorkerGroup(WorkerContext(0, 3, str(tmp_path), os.getppid()))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    record(1, os.getpid(), True, [1, 2])
+    record(2, dead.pid, True, [1])  # a worker that died: its record does not count
+    group.refresh()
+    assert group.others_have(MODEL, 2) and not group.all_ready(True)
+    record(2, os.getppid(), False, [])  # its replacement, still loading: not ready, does not count
+    assert group.refresh()
+    assert group.others_have(MODEL, 2) and not group.all_ready(True)
+    record(2, os.getppid(), True, [1])  # ready with version 1 only
+    assert group.refresh()
+    assert group.others_have(MODEL, 1) and not group.others_have(MODEL, 2)
+    assert group.waiting_for(MODEL, 2) == 1
+    assert group.all_ready(True) and not group.all_ready(False)
+    assert not group.refresh()  # nothing changed
