@@ -16,14 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_serving_support import (
-    LoggedProcess,
-    copy_repository,
-    golden_repository,  # noqa: F401 - a fixture
-    publish_copy,
-    serving_process,
-    wait_until,
-)
+from helpers import LoggedProcess, copy_repository, publish_copy, serving_process, wait_until
 
 from clients.client import GenserveClient, open_channels
 from export import Repository
@@ -76,7 +69,7 @@ def start_workers(repo: Repository, *args: str) -> Workers:
 
 
 @pytest.fixture(scope="module")
-def repo(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Repository:  # noqa: F811
+def repo(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Repository:
     return copy_repository(golden_repository, tmp_path_factory.mktemp("workers") / "repo", [MODEL])
 
 
@@ -181,7 +174,7 @@ def test_a_killed_worker_is_restarted_and_counted(workers: Workers) -> None:
             channel.close()
 
 
-def test_sigterm_drains_both_workers(golden_repository: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_sigterm_drains_both_workers(golden_repository: Path, tmp_path: Path) -> None:
     repo = copy_repository(golden_repository, tmp_path / "repo", [MODEL])
     config = tmp_path / "serve.yaml"  # requests wait 1.5 s in the batcher: in flight when SIGTERM comes
     config.write_text(f"defaults: {{intra_op_threads: 1}}\nmodels:\n  {MODEL}: {{max_queue_delay_us: 1500000}}\n")
