@@ -33,11 +33,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.config import ServerConfig
 from serving.logs import configure_logging, log_event
 from serving.worker_group import WorkerContext, read_records, record_path
+
+if TYPE_CHECKING:  # imported at run time only once PROMETHEUS_MULTIPROC_DIR is set (see supervise)
+    from serving.metrics import SupervisorMetrics
 
 log = logging.getLogger("genserve.workers")
 STARTUP_FAILED = 1
@@ -66,8 +69,8 @@ class Supervisor:
     config: ServerConfig  # the workers' config: the held port, no metrics port
     state_dir: Path  # the workers' records (serving/worker_group.py)
     slots: list[Slot] = field(default_factory=list)
-    stopping: bool = False
-    all_ready_once: bool = False
+    all_ready: bool = False  # every worker ready now
+    all_ready_once: bool = False  # ... at some time: from then on, a worker that dies is restarted
 
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("spawn")
@@ -85,7 +88,7 @@ class Supervisor:
     def running(self) -> list[Slot]:
         return [s for s in self.slots if s.process is not None and s.process.is_alive()]
 
-    def reap(self, metrics: Any) -> int | None:
+    def reap(self, metrics: SupervisorMetrics) -> int | None:
         """Handle workers that exited; returns an exit status when the whole server must end."""
         for slot in self.slots:
             process = slot.process
@@ -116,7 +119,7 @@ class Supervisor:
                 self.start(slot)
 
     def follow_readiness(self) -> None:
-        """Log when the group first, and then again, has every worker ready."""
+        """Log each worker's becoming ready, and the whole group's (again after a restart)."""
         records = read_records(self.state_dir)
         for slot in self.slots:
             record = records.get(slot.index)
@@ -124,9 +127,11 @@ class Supervisor:
             if ready and not slot.ready:
                 log_event(log, "worker_ready", worker=slot.index, pid=slot.process.pid)
             slot.ready = ready
-        if all(s.ready for s in self.slots) and not self.all_ready_once:
-            self.all_ready_once = True
+        all_ready = all(s.ready for s in self.slots)
+        if all_ready and not self.all_ready:
             log_event(log, "workers_serving", workers=len(self.slots), pids=",".join(str(s.process.pid) for s in self.slots))
+        self.all_ready = all_ready
+        self.all_ready_once = self.all_ready_once or all_ready
 
     def stop_all(self) -> int:
         """SIGTERM every worker, wait for them to drain and exit (SIGKILL past the grace period)."""
