@@ -243,7 +243,7 @@ def _supervise(config: ServerConfig, state_dir: Path, metrics_dir: str) -> int:
     worker_config = dataclasses.replace(config, port=port, metrics_port=None)
     supervisor = Supervisor(worker_config, state_dir)
     log_event(log, "supervising", workers=config.workers, host=config.host, port=port, metrics_port=metrics_port,
-              supervisor_pid=os.getpid())
+              supervisor_pid=os.getpid(), state_dir=str(state_dir), metrics_dir=metrics_dir)
     status = 0
     try:
         for slot in supervisor.slots:

@@ -37,6 +37,7 @@ class Workers:
         self.process = process
         supervising = process.wait_for("supervising")
         self.port, self.metrics_port = supervising["port"], supervising["metrics_port"]
+        self.state_dir, self.metrics_dir = Path(supervising["state_dir"]), Path(supervising["metrics_dir"])
         self.address = f"127.0.0.1:{self.port}"
         process.wait_for("workers_serving")
 
@@ -77,7 +78,7 @@ def repo(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> R
 def workers(repo: Repository):
     running = start_workers(repo, "--poll-interval", "1")
     yield running
-    running.process.kill()
+    running.process.stop()  # SIGTERM: the supervisor removes its folders (a SIGKILL would leave them)
 
 
 def generate(channel: grpc.Channel, request_id: str, seed: int = 7, version: int = 0) -> pb.GenerateResponse:
@@ -197,10 +198,11 @@ def test_sigterm_drains_both_workers(golden_repository: Path, tmp_path: Path) ->
         assert sorted(e["worker"] for e in events if e.get("event") == "stopped" and "worker" in e) == [0, 1]
         assert events[-1]["event"] == "stopped" and events[-1]["exit_status"] == 0
         assert repo.serving_versions(MODEL) == set()  # both workers removed their marks
+        assert not workers.state_dir.exists() and not workers.metrics_dir.exists()
     finally:
         for channel in channels:
             channel.close()
-        workers.process.kill()
+        workers.process.stop()
 
 
 def test_a_worker_that_cannot_start_ends_the_server(tmp_path: Path) -> None:
