@@ -106,7 +106,13 @@ class ModelManager:
 
     # --- lookup ---------------------------------------------------------------------------------
     def loaded(self) -> dict[str, list[int]]:
-        """Loaded model names -> their versions, ascending."""
+        """Model names -> the versions that serve, ascending: the loaded ones, with workers those
+        every worker has (all loaded ones while none is agreed yet, see _newest)."""
+        return {name: [v for v in ready if self.agreed(name, v)] or list(ready)
+                for name in sorted(self._models) if (ready := self._ready(name))}
+
+    def held(self) -> dict[str, list[int]]:
+        """Model names -> the versions loaded in this process, ascending (what a worker publishes)."""
         return {name: list(ready) for name in sorted(self._models) if (ready := self._ready(name))}
 
     def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
@@ -170,9 +176,9 @@ class ModelManager:
 
     def regroup(self) -> None:
         """The workers' versions changed: retire what every worker has replaced, update the gauges."""
-        for name, versions in self.loaded().items():
+        for name, versions in self.held().items():
             self._retire_beyond(name, self._ready(name)[versions[-1]].settings.max_loaded_versions)
-        for name, versions in self.loaded().items():
+        for name, versions in self.held().items():
             for version in versions:
                 self.metrics.model_ready.labels(name, str(version)).set(int(self.agreed(name, version)))
         self._count()
@@ -309,7 +315,7 @@ class ModelManager:
         return loaded
 
     def _count(self) -> None:
-        loaded = self.loaded()
+        loaded = self.held()
         self.metrics.models_loaded.set(sum(len(versions) for versions in loaded.values()))
         self.metrics.models_ready.set(sum(self.agreed(n, v) for n, versions in loaded.items() for v in versions))
 

@@ -61,7 +61,7 @@ class LoadedModels(Protocol):
 
     ready: bool
 
-    def loaded(self) -> dict[str, list[int]]: ...
+    def held(self) -> dict[str, list[int]]: ...
 
 
 def record_path(state_dir: str | Path, slot: int) -> Path:
@@ -146,7 +146,7 @@ class WorkerGroup:
         first = True
         while True:
             try:
-                mine = self.publish(models.ready, models.loaded())
+                mine = self.publish(models.ready, models.held())
                 theirs = self.refresh()
             except OSError as error:  # the state folder is gone: the supervisor is ending
                 log_event(log, "worker_state_unavailable", level=logging.WARNING, error=str(error))

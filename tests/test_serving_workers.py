@@ -133,6 +133,9 @@ def test_a_new_version_is_serving_only_once_both_workers_have_it(workers: Worker
         # (a tenth of a second apart at most: FOLLOW_INTERVAL_S)
         wait_until(lambda: all(generate(c, "after-reload").model.version == version for c in channels), timeout=5,
                    what="every worker answering with the new version")
+        for channel in channels:  # genserve's own index agrees
+            listed = genserve_pb2_grpc.GenserveStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models
+            assert [(m.name, m.latest_version) for m in listed] == [(MODEL, version)]
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channels[0])
         index = stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=10)
         assert (f"{MODEL}.decoder", str(version), "READY") in {(m.name, m.version, m.state) for m in index.models}
