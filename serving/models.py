@@ -108,8 +108,11 @@ class ModelManager:
     def loaded(self) -> dict[str, list[int]]:
         """Model names -> the versions that serve, ascending: the loaded ones, with workers those
         every worker has (all loaded ones while none is agreed yet, see _newest)."""
-        return {name: [v for v in ready if self.agreed(name, v)] or list(ready)
-                for name in sorted(self._models) if (ready := self._ready(name))}
+        held = self.held()
+        if self.group is None:
+            return held
+        return {name: [v for v in versions if self.group.others_have(name, v)] or versions
+                for name, versions in held.items()}
 
     def held(self) -> dict[str, list[int]]:
         """Model names -> the versions loaded in this process, ascending (what a worker publishes)."""
@@ -132,7 +135,7 @@ class ModelManager:
             known = ", ".join(self.loaded()) or "none"
             raise NotFound(f"no model {name!r} is loaded (loaded models: {known})")
         if not version:
-            return versions[self._newest(name)]
+            return versions[self._newest(name, versions)]
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidArgument(f"version must be a positive integer or 0 (newest), got {version!r}")
         if version not in versions:
@@ -168,11 +171,13 @@ class ModelManager:
         """The initial load is done (with workers: by every worker)."""
         return self.ready and (self.group is None or self.group.all_ready(self.ready))
 
-    def _newest(self, name: str) -> int:
-        """The version requests without one get: the newest SERVING one (the newest loaded one
-        while no version is agreed yet, as when this worker alone loaded a new model)."""
-        versions = self._ready(name)
-        return max([v for v in versions if self.agreed(name, v)] or versions)
+    def _newest(self, name: str, versions: dict[int, LoadedVersion]) -> int:
+        """The version requests without one get, of the loaded `versions`: the newest SERVING one
+        (the newest loaded one while no version is agreed yet, as when this worker alone loaded a
+        new model). On every request's path: no more work than max() without workers."""
+        if self.group is None:
+            return max(versions)
+        return max([v for v in versions if self.group.others_have(name, v)] or versions)
 
     def regroup(self) -> None:
         """The workers' versions changed: retire what every worker has replaced, update the gauges."""
