@@ -1,9 +1,19 @@
 """A dynamic batcher for one graph: concurrent requests are merged into batches on a thread pool.
 
-A request (rows of one input tensor) joins a bounded queue. A worker waits until the queue holds
-max_batch_size rows or its oldest request has waited max_queue_delay_us, takes the requests that
-fit, runs the concatenated batch with `run` in the executor, and hands each request its rows of
-the outputs. A request bigger than max_batch_size is split into chunks that are queued together
+A request (rows of one input tensor) joins a bounded queue. A worker takes the requests that fit
+into max_batch_size rows, runs the concatenated batch with `run` in the executor, and hands each
+request its rows of the outputs. When the worker closes a batch depends on the policy:
+ - adaptive (the default): the batch closes at once unless company is likely: while another request
+   holds a lease on the version (`company`), or while requests arrive less than max_queue_delay_us / 4
+   apart, the worker waits for more, until the next one is overdue (two recent gaps after the newest),
+   for at most max_queue_delay_us after the oldest arrived. A lone client is never delayed: its next
+   request waits for this one's answer, so its requests are a whole round trip apart.
+ - fixed (Triton's dynamic batcher): the batch closes when the queue holds max_batch_size rows or
+   its oldest request has waited max_queue_delay_us, whether or not anyone else is coming.
+Under both, requests that arrive while a batch runs are merged into the next one. With one
+instance, a batch whose size recently ran in less than `inline_below_us` runs on the event loop's
+thread: handing a small graph's run to the executor and back costs more than the run.
+A request bigger than max_batch_size is split into chunks that are queued together
 and reassembled. The queue holds at most max_queue_size requests (chunks); more are rejected
 with ResourceExhausted. A request whose deadline has passed is dropped before it runs
 (DeadlineExceeded); a cancelled one is removed from the queue at once. With merge=False (dynamic
@@ -16,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -28,6 +39,7 @@ from serving.logs import log_event
 
 log = logging.getLogger("genserve.batcher")
 RunBatch = Callable[[np.ndarray], list[np.ndarray]]
+POLICIES = ("adaptive", "fixed")
 
 
 class BatchObserver(Protocol):
@@ -85,14 +97,27 @@ class DynamicBatcher:
         max_queue_size: int,
         instances: int = 1,
         merge: bool = True,
+        policy: str = "adaptive",
+        company: Callable[[], int] | None = None,
+        inline_below_us: int = 0,
         observer: BatchObserver | None = None,
     ):
+        """`company()`: how many requests may still join (adaptive policy), counting those inside
+        this batcher too (the version's leases); None: assume some may, while the loop brings them.
+        `inline_below_us`: with one instance, a batch whose size recently ran in less than this runs
+        on the event loop's thread instead of the executor (0: never); see `_work`."""
+        if policy not in POLICIES:
+            raise ValueError(f"batching policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_us / 1e6
         self.max_queue_size = max_queue_size
         self.instances = instances
         self.merge = merge
+        self.adaptive = policy == "adaptive"
+        self.company = company
+        self.inline_below = inline_below_us / 1e6 if instances == 1 else 0.0
+        self._run_seconds: dict[int, float] = {}  # bit length of a batch's rows -> its recent run time (EWMA)
         self._run = run
         self._executor = executor
         self._observer = observer or NullObserver()
@@ -100,7 +125,12 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._running = 0
+        self._inside = 0  # requests in infer() now: queued, running, or not yet resumed with their result
+        self._last_arrival = -1e9  # loop.time() of the newest request
+        self._gap = 1.0  # recent time between requests (EWMA, seconds)
         self._closed = False
+        self.executions = 0  # batches run (successful or not), for tests and statistics
+        self.waits = 0  # times a worker waited for company before closing a batch
 
     @property
     def queue_depth(self) -> int:
@@ -126,7 +156,8 @@ class DynamicBatcher:
             raise ValueError("a request needs at least one row")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        chunks = [rows[i : i + self.max_batch_size] for i in range(0, len(rows), self.max_batch_size)]
+        size = self.max_batch_size
+        chunks = [rows] if len(rows) <= size else [rows[i : i + size] for i in range(0, len(rows), size)]
         if len(chunks) > self.max_queue_size:  # could never be queued, however empty the queue: no retry helps
             raise InvalidArgument(
                 f"{self.name}: {len(rows)} rows need {len(chunks)} batches of at most {self.max_batch_size}, "
@@ -144,15 +175,22 @@ class DynamicBatcher:
         self._queue.extend(items)
         self._observer.queue_depth(len(self._queue))
         self._wakeup.set()
+        gap = now - self._last_arrival
+        self._last_arrival = now
+        self._gap = 0.8 * self._gap + 0.2 * min(gap, 1.0)
+        self._inside += 1
         try:
             # one chunk (the common case) is awaited directly: gather would add a future and callbacks
             results = [await items[0].future] if len(items) == 1 else await asyncio.gather(*(item.future for item in items))
         except BaseException as error:
             self._forget(items, cancelled=isinstance(error, asyncio.CancelledError))
             raise
+        finally:
+            self._inside -= 1
+        if len(items) == 1:
+            item = items[0]
+            return results[0], Timing(item.queue_seconds, item.compute_seconds)
         timing = Timing(max(i.queue_seconds for i in items), sum(i.compute_seconds for i in items))
-        if len(results) == 1:
-            return results[0], timing
         return [np.concatenate(parts) for parts in zip(*results, strict=True)], timing
 
     def _forget(self, items: list[_Item], cancelled: bool) -> None:
@@ -191,10 +229,23 @@ class DynamicBatcher:
                     break
         return rows
 
+    def _adaptive_wait(self, close_at: float, now: float) -> float:
+        """Adaptive policy: how long to wait for company now (0: run the batch)."""
+        if self.company is not None and self.company() > self._inside:
+            # another request holds the version and may join: wait as the fixed policy does, but look
+            # again every quarter of the delay (it may have finished instead)
+            return min(close_at - now, self.max_queue_delay / 4)
+        if self._gap < self.max_queue_delay / 4:
+            # requests arrive less than a quarter of the delay apart: wait while they keep coming,
+            # until the next one is overdue (two gaps after the newest). A lone client's next request
+            # waits for this one's answer, a whole round trip: its gaps are long, it never waits here.
+            return min(close_at, self._last_arrival + 2 * self._gap) - now
+        return 0.0
+
     async def _next_batch(self) -> list[_Item]:
-        """Wait until the queue holds a full batch or its oldest request has waited max_queue_delay,
-        then take requests from the head while they fit. Waiting requests stay in the queue (they
-        count towards max_queue_size and can be cancelled) until their batch is taken."""
+        """Wait until the policy closes the batch (see the module doc), then take requests from the
+        head while they fit. Waiting requests stay in the queue (they count towards max_queue_size
+        and can be cancelled) until their batch is taken."""
         loop = asyncio.get_running_loop()
         while True:
             while self._queue and (self._queue[0].future.done() or self._expired(self._queue[0], loop.time())):
@@ -207,9 +258,14 @@ class DynamicBatcher:
             close_at = self._queue[0].enqueued + self.max_queue_delay
             if not self.merge or loop.time() >= close_at or self._queued_rows() >= self.max_batch_size:
                 break
+            now = loop.time()
+            wait = self._adaptive_wait(close_at, now) if self.adaptive else close_at - now
+            if wait <= 0:
+                break
+            self.waits += 1
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), close_at - loop.time())
+                await asyncio.wait_for(self._wakeup.wait(), wait)
         batch: list[_Item] = []
         rows = 0
         now = loop.time()
@@ -237,8 +293,16 @@ class DynamicBatcher:
                 self._observer.waited(item.queue_seconds)
             inputs = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
             self._running += 1
+            self.executions += 1
+            size = len(inputs).bit_length()
+            expected = self._run_seconds.get(size)
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+                # A short run goes on the loop's thread: handing it to the executor and back (two thread
+                # wake-ups and the GIL passed twice) costs more CPU than a small graph's execution.
+                if expected is not None and expected < self.inline_below:
+                    outputs, took = self._timed_run(inputs, time.perf_counter)
+                else:
+                    outputs, took = await loop.run_in_executor(self._executor, self._timed_run, inputs, time.thread_time)
             except Exception as error:
                 seconds = loop.time() - started
                 self._observer.executed(len(inputs), seconds, ok=False)
@@ -250,6 +314,7 @@ class DynamicBatcher:
                 continue
             finally:
                 self._running -= 1
+            self._run_seconds[size] = took if expected is None else 0.75 * expected + 0.25 * took
             seconds = loop.time() - started
             self._observer.executed(len(inputs), seconds, ok=True)
             offset = 0
@@ -259,6 +324,15 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_result([out[offset : offset + n] for out in outputs])
                 offset += n
+
+    def _timed_run(self, inputs: np.ndarray, clock: Callable[[], float]) -> tuple[list[np.ndarray], float]:
+        """`run` and how long it took by `clock`. In the executor that is the thread's CPU time: the
+        wall time there includes waiting for the GIL after the run, long when the loop is busy.
+        (CPU time misses work on other threads; a run moved inline is timed by the wall clock, so
+        one that is slower than it looked moves back.)"""
+        started = clock()
+        outputs = self._run(inputs)
+        return outputs, clock() - started
 
     async def close(self) -> None:
         """Refuse new requests, let queued and running ones finish, then stop the workers."""

@@ -21,6 +21,7 @@ from serving.protos import genserve_pb2 as pb
 from serving.wire import WireFormatError, array_to_tensor, encode_png, to_uint8
 
 PNG_MODES = {1: "L", 3: "RGB"}
+IMAGE_FORMATS = frozenset(pb.ImageFormat.values())
 __all__ = [
     "array_to_tensor", "check_image_format", "decode_images", "encode_images", "encode_png",
     "latents_from_tensor", "tensor_to_array", "to_uint8",
@@ -42,13 +43,27 @@ def latents_from_tensor(tensor: pb.Tensor, dim: int, what: str = "latents", max_
     array = tensor_to_array(tensor, what)
     if array.ndim != 2 or array.shape[1] != dim:
         raise InvalidArgument(f"{what} must have shape (N, {dim}), got {list(array.shape)}")
-    if not np.isfinite(array).all():
+    largest = largest_magnitude(array)
+    if not math.isfinite(largest):
         bad = int((~np.isfinite(array)).any(axis=1).sum())
         raise InvalidArgument(f"{what} contain NaN or infinite values (in {bad} of {len(array)} rows)")
-    largest = float(np.abs(array).max()) if array.size else 0.0
     if largest > max_abs:
         raise InvalidArgument(f"{what} hold a value of magnitude {largest:.4g}, over limits.max_latent_abs ({max_abs:g})")
     return array
+
+
+def largest_magnitude(array: np.ndarray) -> float:
+    """max |x| over the array in one pass without a temporary (0 when empty); NaN or inf when any
+    value is NaN or infinite (max and min propagate NaN), so it doubles as the finiteness check."""
+    if not array.size:
+        return 0.0
+    return max(float(array.max()), -float(array.min()))
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN or infinity in `array`: its sum is finite then (NaN and inf propagate), which is
+    cheaper than np.isfinite(array).all(); only an overflowing sum of huge values needs the full check."""
+    return math.isfinite(float(array.sum())) or bool(np.isfinite(array).all())
 
 
 def decode_images(images: pb.Images, image_shape: tuple[int, int, int], max_images: int, what: str = "images") -> np.ndarray:
@@ -69,9 +84,9 @@ def decode_images(images: pb.Images, image_shape: tuple[int, int, int], max_imag
         raise InvalidArgument(f"{what}: shape {list(array.shape)} does not match the model's images (N, {c}, {h}, {w})")
     if array.dtype == np.uint8:
         return array.astype(np.float32) / np.float32(255.0)
-    if not np.isfinite(array).all():
+    low, high = float(array.min()), float(array.max())  # NaN and inf show in these: no separate pass
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise InvalidArgument(f"{what}: float32 images contain NaN or infinite values")
-    low, high = float(array.min()), float(array.max())
     if low < 0.0 or high > 1.0:
         raise InvalidArgument(f"{what}: float32 images must be in [0, 1], got values in [{low:.4g}, {high:.4g}]")
     return np.ascontiguousarray(array, dtype=np.float32)
@@ -116,5 +131,5 @@ def encode_images(images: np.ndarray, image_format: int, into: pb.Images | None 
 
 
 def check_image_format(image_format: int) -> None:
-    if image_format not in pb.ImageFormat.values():
+    if image_format not in IMAGE_FORMATS:
         raise InvalidArgument(f"output_format {image_format} is not an ImageFormat ({', '.join(pb.ImageFormat.keys())})")

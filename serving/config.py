@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serving.batcher import POLICIES as BATCHING_POLICIES
 from training.files import ConfigFileError, read_config_mapping  # standard library and PyYAML only
 
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
@@ -48,14 +49,20 @@ class ModelSettings:
     max_batch_size: int = 64  # rows per execution; bigger requests are split and reassembled
     # false: every request runs on its own (split at max_batch_size), never merged with another one
     dynamic_batching: bool = True
-    # How long the first queued request waits for others to join. 0 by default: with one instance,
-    # requests that arrive while a batch runs are merged into the next one anyway, and waiting on an
-    # idle graph only adds latency (docs/benchmarks.md: 1.6x the throughput at 64 concurrent
-    # single-sample calls, 3.4x at one). A small delay can pay off where a batch is much cheaper per
-    # row than a single run, as on a GPU.
-    max_queue_delay_us: int = 0
+    # When a batch closes (serving/batcher.py). adaptive: at once, unless another request holds the
+    # version or requests arrive less than max_queue_delay_us / 4 apart; then it waits while they
+    # keep coming, for at most max_queue_delay_us. fixed (Triton's): the oldest request waits up to
+    # max_queue_delay_us for company, whether or not anyone is coming.
+    batching_policy: str = "adaptive"
+    # The longest the oldest queued request waits for others to join (see batching_policy). Under
+    # the fixed policy a delay taxes every lone request, so 0 suits it on a CPU (docs/benchmarks.md).
+    max_queue_delay_us: int = 2000
     max_queue_size: int = 64  # queued requests per graph; more are rejected with RESOURCE_EXHAUSTED
     instances: int = 1  # concurrent executions per graph
+    # With one instance, a batch whose size recently ran faster than this runs on the event loop's
+    # thread: the hand-over to the inference thread and back costs more than a small graph's run
+    # (docs/benchmarks.md). The loop is blocked meanwhile, so keep it small; 0: always hand over.
+    inline_execution_us: int = 200
     execution_provider: str = "auto"  # auto (CUDA if onnxruntime has it, else CPU) | cpu | cuda | tensorrt
     intra_op_threads: int = 0  # onnxruntime intra-op threads per session; 0: onnxruntime's default
     # false: onnxruntime frees CPU buffers after each run instead of keeping them in its arena; less
@@ -70,7 +77,7 @@ class ModelSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
-        for name in ("max_queue_delay_us", "intra_op_threads"):
+        for name in ("max_queue_delay_us", "intra_op_threads", "inline_execution_us"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{where}.{name} must be a non-negative integer, got {value!r}")
@@ -81,6 +88,10 @@ class ModelSettings:
             raise ConfigError(
                 f"{where}.execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, "
                 f"got {self.execution_provider!r}"
+            )
+        if self.batching_policy not in BATCHING_POLICIES:
+            raise ConfigError(
+                f"{where}.batching_policy must be one of {', '.join(BATCHING_POLICIES)}, got {self.batching_policy!r}"
             )
         if self.variant not in VARIANTS:
             raise ConfigError(f"{where}.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")

@@ -12,13 +12,12 @@ import json
 import math
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 
 from export.labels import labels_of
 from export.manifest import Manifest
 from serving import codec, latents
-from serving.calls import Call, Calls
+from serving.calls import Call, Calls, rpc
 from serving.config import Limits
 from serving.errors import FailedPrecondition, InvalidArgument
 from serving.models import ModelManager
@@ -135,7 +134,8 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
     async def _images_response(self, response_type: type[Response], loaded: LoadedVersion, images: np.ndarray,
                                image_format: int) -> Response:
         """A response with `model` set and `images` encoded in place (no copy of a finished message)."""
-        response = response_type(model=self._ref(loaded))
+        response = response_type()
+        response.model.name, response.model.version = loaded.name, loaded.version  # no ModelRef to copy in
         if image_format == pb.IMAGE_FORMAT_PNG:  # encoding PNGs is CPU work: off the loop
             await asyncio.to_thread(codec.encode_images, images, image_format, response.images)
         else:
@@ -160,165 +160,151 @@ class GenserveService(genserve_pb2_grpc.GenserveServicer):
         return count
 
     # --- RPCs -----------------------------------------------------------------------------------
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        async def body(call: Call) -> pb.ListModelsResponse:
-            models = []
-            for name, versions in self.manager.loaded().items():
-                newest = self.manager.resolve(name)
-                models.append(pb.ModelSummary(
-                    name=name, kind=newest.manifest.kind, latest_version=newest.version, versions=versions,
-                    parts=sorted(newest.graphs), ready=True, operations=operations(newest),
-                    quality=_quality(newest.manifest),
-                ))
-            return pb.ListModelsResponse(models=models)
+    @rpc
+    async def ListModels(self, request: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
+        models = []
+        for name, versions in self.manager.loaded().items():
+            newest = self.manager.resolve(name)
+            models.append(pb.ModelSummary(
+                name=name, kind=newest.manifest.kind, latest_version=newest.version, versions=versions,
+                parts=sorted(newest.graphs), ready=True, operations=operations(newest),
+                quality=_quality(newest.manifest),
+            ))
+        return pb.ListModelsResponse(models=models)
 
-        return await self.calls.run("ListModels", context, body)
-
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
-        async def body(call: Call) -> pb.GetModelResponse:
-            loaded = self.manager.resolve(request.model, request.version)
-            call.bind(loaded.name, loaded.version)
-            m = loaded.manifest
-            c, h, w = m.image_shape
-            parts = [
-                pb.Part(
-                    name=part,
-                    inputs=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=_shape(t.shape)) for t in g.spec.inputs],
-                    outputs=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=_shape(t.shape)) for t in g.spec.outputs],
-                    variant=g.variant,
-                    execution_providers=g.session.providers,
-                    oip_model_name=g.oip_name,
-                )
-                for part, g in sorted(loaded.graphs.items())
-            ]
-            return pb.GetModelResponse(
-                model=self._ref(loaded), kind=m.kind, parts=parts,
-                image_shape=pb.ImageShape(channels=c, height=h, width=w), latent_dim=m.latent_dim or 0,
-                prior=_prior_message(m.prior), class_names=m.class_names or [],
-                versions=self.manager.loaded().get(loaded.name, []),
-                metrics=_numbers(m.training.get("final_metrics")), dataset=m.dataset or "",
-                created_at=m.created_at, operations=operations(loaded), manifest_json=m.to_json().decode(),
-                quality=_quality(m), quality_gate_forced=bool(m.quality.get("gate", {}).get("forced")),
+    @rpc
+    async def GetModel(self, request: pb.GetModelRequest, call: Call) -> pb.GetModelResponse:
+        loaded = self.manager.resolve(request.model, request.version)
+        call.bind(loaded.name, loaded.version)
+        m = loaded.manifest
+        c, h, w = m.image_shape
+        parts = [
+            pb.Part(
+                name=part,
+                inputs=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=_shape(t.shape)) for t in g.spec.inputs],
+                outputs=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=_shape(t.shape)) for t in g.spec.outputs],
+                variant=g.variant,
+                execution_providers=g.session.providers,
+                oip_model_name=g.oip_name,
             )
+            for part, g in sorted(loaded.graphs.items())
+        ]
+        return pb.GetModelResponse(
+            model=self._ref(loaded), kind=m.kind, parts=parts,
+            image_shape=pb.ImageShape(channels=c, height=h, width=w), latent_dim=m.latent_dim or 0,
+            prior=_prior_message(m.prior), class_names=m.class_names or [],
+            versions=self.manager.loaded().get(loaded.name, []),
+            metrics=_numbers(m.training.get("final_metrics")), dataset=m.dataset or "",
+            created_at=m.created_at, operations=operations(loaded), manifest_json=m.to_json().decode(),
+            quality=_quality(m), quality_gate_forced=bool(m.quality.get("gate", {}).get("forced")),
+        )
 
-        return await self.calls.run("GetModel", context, body)
+    @rpc
+    async def Generate(self, request: pb.GenerateRequest, call: Call) -> pb.GenerateResponse:
+        codec.check_image_format(request.output_format)
+        async with self.manager.use(request.model, request.version) as loaded:
+            call.bind(loaded.name, loaded.version)
+            graph = self._latent_graph(loaded, call.method)
+            dim = int(graph.spec.inputs[0].shape[1])
+            if request.HasField("latents"):
+                z = codec.latents_from_tensor(request.latents, dim, max_abs=self.limits.max_latent_abs)
+                self._check_count(len(z), "the number of latents")
+                if request.count not in (0, len(z)):
+                    raise InvalidArgument(f"count is {request.count} but {len(z)} latents were given; give 0 or {len(z)}")
+            else:
+                count = self._check_count(request.count, "count")
+                prior = loaded.manifest.prior
+                if not prior:
+                    raise FailedPrecondition(
+                        f"model {loaded.name!r} ({loaded.manifest.kind}) has no prior to sample from; pass latents"
+                    )
+                if int(prior.get("dim", -1)) != dim:
+                    raise FailedPrecondition(f"the prior's dim {prior.get('dim')} differs from the graph's input ({dim})")
+                temperature = request.temperature or 1.0
+                if not (math.isfinite(temperature) and 0 < temperature <= self.limits.max_temperature):
+                    raise InvalidArgument(
+                        f"temperature must be a positive number of at most {self.limits.max_temperature:g} "
+                        f"(limits.max_temperature), got {temperature:.4g}"
+                    )
+                z = latents.sample_prior(prior, count, request.seed, temperature)
+            images = (await self._run(graph, z, call))[0]
+            response = await self._images_response(pb.GenerateResponse, loaded, images, request.output_format)
+            if request.return_latents:
+                codec.array_to_tensor(z, into=response.latents)
+            return response
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        async def body(call: Call) -> pb.GenerateResponse:
-            codec.check_image_format(request.output_format)
-            async with self.manager.use(request.model, request.version) as loaded:
-                call.bind(loaded.name, loaded.version)
-                graph = self._latent_graph(loaded, "Generate")
-                dim = int(graph.spec.inputs[0].shape[1])
-                if request.HasField("latents"):
-                    z = codec.latents_from_tensor(request.latents, dim, max_abs=self.limits.max_latent_abs)
-                    self._check_count(len(z), "the number of latents")
-                    if request.count not in (0, len(z)):
-                        raise InvalidArgument(f"count is {request.count} but {len(z)} latents were given; give 0 or {len(z)}")
-                else:
-                    count = self._check_count(request.count, "count")
-                    prior = loaded.manifest.prior
-                    if not prior:
-                        raise FailedPrecondition(
-                            f"model {loaded.name!r} ({loaded.manifest.kind}) has no prior to sample from; pass latents"
-                        )
-                    if int(prior.get("dim", -1)) != dim:
-                        raise FailedPrecondition(f"the prior's dim {prior.get('dim')} differs from the graph's input ({dim})")
-                    temperature = request.temperature or 1.0
-                    if not (math.isfinite(temperature) and 0 < temperature <= self.limits.max_temperature):
-                        raise InvalidArgument(
-                            f"temperature must be a positive number of at most {self.limits.max_temperature:g} "
-                            f"(limits.max_temperature), got {temperature:.4g}"
-                        )
-                    z = latents.sample_prior(prior, count, request.seed, temperature)
-                images = (await self._run(graph, z, call))[0]
-                response = await self._images_response(pb.GenerateResponse, loaded, images, request.output_format)
-                if request.return_latents:
-                    codec.array_to_tensor(z, into=response.latents)
-                return response
+    @rpc
+    async def Encode(self, request: pb.EncodeRequest, call: Call) -> pb.EncodeResponse:
+        async with self.manager.use(request.model, request.version) as loaded:
+            call.bind(loaded.name, loaded.version)
+            self._require(loaded, "encoder", call.method)
+            images = await self._images_in(request.images, loaded)
+            mean, logvar = await self._encode_means(loaded, images, call)
+            response = pb.EncodeResponse(model=self._ref(loaded))
+            if logvar is None:
+                codec.array_to_tensor(mean, into=response.codes)
+            else:
+                codec.array_to_tensor(mean, into=response.mean)
+                codec.array_to_tensor(logvar, into=response.logvar)
+            return response
 
-        return await self.calls.run("Generate", context, body)
-
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
-        async def body(call: Call) -> pb.EncodeResponse:
-            async with self.manager.use(request.model, request.version) as loaded:
-                call.bind(loaded.name, loaded.version)
-                self._require(loaded, "encoder", "Encode")
+    @rpc
+    async def Reconstruct(self, request: pb.ReconstructRequest, call: Call) -> pb.ReconstructResponse:
+        codec.check_image_format(request.output_format)
+        async with self.manager.use(request.model, request.version) as loaded:
+            call.bind(loaded.name, loaded.version)
+            if loaded.graph("encoder") and loaded.graph("decoder"):
                 images = await self._images_in(request.images, loaded)
                 mean, logvar = await self._encode_means(loaded, images, call)
-                response = pb.EncodeResponse(model=self._ref(loaded))
-                if logvar is None:
-                    codec.array_to_tensor(mean, into=response.codes)
-                else:
-                    codec.array_to_tensor(mean, into=response.mean)
-                    codec.array_to_tensor(logvar, into=response.logvar)
-                return response
-
-        return await self.calls.run("Encode", context, body)
-
-    async def Reconstruct(self, request: pb.ReconstructRequest, context: grpc.aio.ServicerContext) -> pb.ReconstructResponse:
-        async def body(call: Call) -> pb.ReconstructResponse:
-            codec.check_image_format(request.output_format)
-            async with self.manager.use(request.model, request.version) as loaded:
-                call.bind(loaded.name, loaded.version)
-                if loaded.graph("encoder") and loaded.graph("decoder"):
-                    images = await self._images_in(request.images, loaded)
-                    mean, logvar = await self._encode_means(loaded, images, call)
-                    z = latents.sample_posterior(mean, logvar, request.seed) if request.sample and logvar is not None else mean
-                    out = (await self._run(self._require(loaded, "decoder", "Reconstruct"), z, call))[0]
-                elif loaded.graph("denoiser"):
-                    images = await self._images_in(request.images, loaded)
-                    out = (await self._run(self._require(loaded, "denoiser", "Reconstruct"), images, call))[0]
-                else:
-                    raise FailedPrecondition(
-                        f"Reconstruct: model {loaded.name!r} ({loaded.manifest.kind}) has no encoder and decoder; "
-                        f"it supports {', '.join(operations(loaded))}"
-                    )
-                return await self._images_response(pb.ReconstructResponse, loaded, out, request.output_format)
-
-        return await self.calls.run("Reconstruct", context, body)
-
-    async def Denoise(self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext) -> pb.DenoiseResponse:
-        async def body(call: Call) -> pb.DenoiseResponse:
-            codec.check_image_format(request.output_format)
-            async with self.manager.use(request.model, request.version) as loaded:
-                call.bind(loaded.name, loaded.version)
-                graph = self._require(loaded, "denoiser", "Denoise")
+                z = latents.sample_posterior(mean, logvar, request.seed) if request.sample and logvar is not None else mean
+                out = (await self._run(self._require(loaded, "decoder", call.method), z, call))[0]
+            elif loaded.graph("denoiser"):
                 images = await self._images_in(request.images, loaded)
-                out = (await self._run(graph, images, call))[0]
-                return await self._images_response(pb.DenoiseResponse, loaded, out, request.output_format)
+                out = (await self._run(self._require(loaded, "denoiser", call.method), images, call))[0]
+            else:
+                raise FailedPrecondition(
+                    f"{call.method}: model {loaded.name!r} ({loaded.manifest.kind}) has no encoder and decoder; "
+                    f"it supports {', '.join(operations(loaded))}"
+                )
+            return await self._images_response(pb.ReconstructResponse, loaded, out, request.output_format)
 
-        return await self.calls.run("Denoise", context, body)
+    @rpc
+    async def Denoise(self, request: pb.DenoiseRequest, call: Call) -> pb.DenoiseResponse:
+        codec.check_image_format(request.output_format)
+        async with self.manager.use(request.model, request.version) as loaded:
+            call.bind(loaded.name, loaded.version)
+            graph = self._require(loaded, "denoiser", call.method)
+            images = await self._images_in(request.images, loaded)
+            out = (await self._run(graph, images, call))[0]
+            return await self._images_response(pb.DenoiseResponse, loaded, out, request.output_format)
 
-    async def Interpolate(self, request: pb.InterpolateRequest, context: grpc.aio.ServicerContext) -> pb.InterpolateResponse:
-        async def body(call: Call) -> pb.InterpolateResponse:
-            codec.check_image_format(request.output_format)
-            if request.method not in pb.InterpolationMethod.values():
-                raise InvalidArgument(f"method {request.method} is not an InterpolationMethod")
-            steps = request.steps
-            if steps < 2:
-                raise InvalidArgument(f"steps must be at least 2 (both endpoints are included), got {steps}")
-            self._check_count(steps, "steps")
-            async with self.manager.use(request.model, request.version) as loaded:
-                call.bind(loaded.name, loaded.version)
-                graph = self._latent_graph(loaded, "Interpolate")
-                dim = int(graph.spec.inputs[0].shape[1])
-                endpoints = request.WhichOneof("endpoints")
-                if endpoints == "latents":
-                    pair = codec.latents_from_tensor(
-                        request.latents.latents, dim, "latents.latents", max_abs=self.limits.max_latent_abs)
-                elif endpoints == "images":
-                    self._require(loaded, "encoder", "Interpolate between images")
-                    images = await self._images_in(request.images.images, loaded, "images.images")
-                    pair = (await self._encode_means(loaded, images, call))[0]
-                else:
-                    raise InvalidArgument("give the endpoints: images (two images) or latents (two latents)")
-                if len(pair) != 2:
-                    raise InvalidArgument(f"interpolation needs exactly 2 endpoints, got {len(pair)}")
-                path = latents.interpolate(pair[0], pair[1], steps, request.method == pb.INTERPOLATION_METHOD_SPHERICAL)
-                out = (await self._run(graph, path, call))[0]
-                response = await self._images_response(pb.InterpolateResponse, loaded, out, request.output_format)
-                codec.array_to_tensor(path, into=response.latents)
-                return response
-
-        return await self.calls.run("Interpolate", context, body)
+    @rpc
+    async def Interpolate(self, request: pb.InterpolateRequest, call: Call) -> pb.InterpolateResponse:
+        codec.check_image_format(request.output_format)
+        if request.method not in pb.InterpolationMethod.values():
+            raise InvalidArgument(f"method {request.method} is not an InterpolationMethod")
+        steps = request.steps
+        if steps < 2:
+            raise InvalidArgument(f"steps must be at least 2 (both endpoints are included), got {steps}")
+        self._check_count(steps, "steps")
+        async with self.manager.use(request.model, request.version) as loaded:
+            call.bind(loaded.name, loaded.version)
+            graph = self._latent_graph(loaded, call.method)
+            dim = int(graph.spec.inputs[0].shape[1])
+            endpoints = request.WhichOneof("endpoints")
+            if endpoints == "latents":
+                pair = codec.latents_from_tensor(
+                    request.latents.latents, dim, "latents.latents", max_abs=self.limits.max_latent_abs)
+            elif endpoints == "images":
+                self._require(loaded, "encoder", f"{call.method} between images")
+                images = await self._images_in(request.images.images, loaded, "images.images")
+                pair = (await self._encode_means(loaded, images, call))[0]
+            else:
+                raise InvalidArgument("give the endpoints: images (two images) or latents (two latents)")
+            if len(pair) != 2:
+                raise InvalidArgument(f"interpolation needs exactly 2 endpoints, got {len(pair)}")
+            path = latents.interpolate(pair[0], pair[1], steps, request.method == pb.INTERPOLATION_METHOD_SPHERICAL)
+            out = (await self._run(graph, path, call))[0]
+            response = await self._images_response(pb.InterpolateResponse, loaded, out, request.output_format)
+            codec.array_to_tensor(path, into=response.latents)
+            return response

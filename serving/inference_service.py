@@ -18,7 +18,8 @@ import numpy as np
 
 from export.labels import labels_of
 from export.manifest import Manifest
-from serving.calls import Call, Calls, ServerState, end_call
+from serving.calls import Call, Calls, ServerState, end_call, rpc
+from serving.codec import largest_magnitude
 from serving.config import Limits
 from serving.errors import InvalidArgument, NotFound, ServingError
 from serving.models import ModelManager, check_name
@@ -81,49 +82,43 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.manager.serving_ready and not self.state.shutting_down)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        async def body(call: Call) -> pb.ModelReadyResponse:
-            parse_version(request.version)  # a malformed version is INVALID_ARGUMENT, not "not ready"
-            try:
-                async with use_graph(self.manager, request.name, request.version) as graph:
-                    return pb.ModelReadyResponse(ready=self.manager.agreed(graph.model, graph.version))
-            except ServingError:
-                return pb.ModelReadyResponse(ready=False)
-
-        return await self.calls.run("ModelReady", context, body)
+    @rpc
+    async def ModelReady(self, request: pb.ModelReadyRequest, call: Call) -> pb.ModelReadyResponse:
+        parse_version(request.version)  # a malformed version is INVALID_ARGUMENT, not "not ready"
+        try:
+            async with use_graph(self.manager, request.name, request.version) as graph:
+                return pb.ModelReadyResponse(ready=self.manager.agreed(graph.model, graph.version))
+        except ServingError:
+            return pb.ModelReadyResponse(ready=False)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="genserve", version=server_version(), extensions=EXTENSIONS)
 
     # --- models ---------------------------------------------------------------------------------
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        async def body(call: Call) -> pb.ModelMetadataResponse:
-            async with use_graph(self.manager, request.name, request.version) as graph:
-                call.bind(graph.model, graph.version)
-                tensor = pb.ModelMetadataResponse.TensorMetadata
-                manifest = self.manager.resolve(graph.model, graph.version).manifest
-                parameters = {
-                    key: pb.InferParameter(string_param=value) if isinstance(value, str) else pb.InferParameter(double_param=value)
-                    for key, value in quality_parameters(manifest).items()
-                }
-                return pb.ModelMetadataResponse(
-                    parameters=parameters,
-                    name=graph.oip_name,
-                    versions=[str(v) for v in self.manager.loaded().get(graph.model, [])],
-                    platform=PLATFORM,
-                    inputs=[tensor(name=t.name, datatype=FP32, shape=_dims(t.shape)) for t in graph.spec.inputs],
-                    outputs=[tensor(name=t.name, datatype=FP32, shape=_dims(t.shape)) for t in graph.spec.outputs],
-                )
+    @rpc
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, call: Call) -> pb.ModelMetadataResponse:
+        async with use_graph(self.manager, request.name, request.version) as graph:
+            call.bind(graph.model, graph.version)
+            tensor = pb.ModelMetadataResponse.TensorMetadata
+            manifest = self.manager.resolve(graph.model, graph.version).manifest
+            parameters = {
+                key: pb.InferParameter(string_param=value) if isinstance(value, str) else pb.InferParameter(double_param=value)
+                for key, value in quality_parameters(manifest).items()
+            }
+            return pb.ModelMetadataResponse(
+                parameters=parameters,
+                name=graph.oip_name,
+                versions=[str(v) for v in self.manager.loaded().get(graph.model, [])],
+                platform=PLATFORM,
+                inputs=[tensor(name=t.name, datatype=FP32, shape=_dims(t.shape)) for t in graph.spec.inputs],
+                outputs=[tensor(name=t.name, datatype=FP32, shape=_dims(t.shape)) for t in graph.spec.outputs],
+            )
 
-        return await self.calls.run("ModelMetadata", context, body)
-
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        async def body(call: Call) -> pb.ModelConfigResponse:
-            async with use_graph(self.manager, request.name, request.version) as graph:
-                call.bind(graph.model, graph.version)
-                return pb.ModelConfigResponse(config=self._config(graph))
-
-        return await self.calls.run("ModelConfig", context, body)
+    @rpc
+    async def ModelConfig(self, request: pb.ModelConfigRequest, call: Call) -> pb.ModelConfigResponse:
+        async with use_graph(self.manager, request.name, request.version) as graph:
+            call.bind(graph.model, graph.version)
+            return pb.ModelConfigResponse(config=self._config(graph))
 
     def _config(self, graph: LoadedGraph) -> mc.ModelConfig:
         loaded = self.manager.resolve(graph.model, graph.version)
@@ -153,66 +148,62 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             },
         )
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
-        async def body(call: Call) -> pb.ModelStatisticsResponse:
-            graphs: list[LoadedGraph] = []
-            if request.name:
-                model, part = split_oip_name(request.name)
-                number = parse_version(request.version)
-                versions = [number] if number else self.manager.loaded().get(model, [])
-                if not versions:
-                    self.manager.resolve(model)  # raises NotFound saying why
+    @rpc
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, call: Call) -> pb.ModelStatisticsResponse:
+        graphs: list[LoadedGraph] = []
+        if request.name:
+            model, part = split_oip_name(request.name)
+            number = parse_version(request.version)
+            versions = [number] if number else self.manager.loaded().get(model, [])
+            if not versions:
+                self.manager.resolve(model)  # raises NotFound saying why
+            for v in versions:
+                graph = self.manager.resolve(model, v).graph(part)
+                if graph is None:
+                    raise NotFound(f"model {model!r} version {v} has no part {part!r}")
+                graphs.append(graph)
+        else:
+            for model, versions in self.manager.loaded().items():
                 for v in versions:
-                    graph = self.manager.resolve(model, v).graph(part)
-                    if graph is None:
-                        raise NotFound(f"model {model!r} version {v} has no part {part!r}")
-                    graphs.append(graph)
-            else:
-                for model, versions in self.manager.loaded().items():
-                    for v in versions:
-                        graphs += sorted(self.manager.resolve(model, v).graphs.values(), key=lambda g: g.part)
-            stats = []
-            for g in graphs:
-                s = g.stats
-                stats.append(pb.ModelStatistics(
-                    name=g.oip_name, version=str(g.version), last_inference=s.last_inference_ms,
-                    inference_count=s.inference_count, execution_count=s.execution_count,
-                    inference_stats=pb.InferStatistics(
-                        success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
-                        compute_infer=_duration(s.compute),
-                    ),
-                    batch_stats=[
-                        pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
-                        for size, d in sorted(s.batches.items())
-                    ],
-                ))
-            return pb.ModelStatisticsResponse(model_stats=stats)
-
-        return await self.calls.run("ModelStatistics", context, body)
+                    graphs += sorted(self.manager.resolve(model, v).graphs.values(), key=lambda g: g.part)
+        stats = []
+        for g in graphs:
+            s = g.stats
+            stats.append(pb.ModelStatistics(
+                name=g.oip_name, version=str(g.version), last_inference=s.last_inference_ms,
+                inference_count=s.inference_count, execution_count=s.execution_count,
+                inference_stats=pb.InferStatistics(
+                    success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
+                    compute_infer=_duration(s.compute),
+                ),
+                batch_stats=[
+                    pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
+                    for size, d in sorted(s.batches.items())
+                ],
+            ))
+        return pb.ModelStatisticsResponse(model_stats=stats)
 
     # --- inference ------------------------------------------------------------------------------
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        async def body(call: Call) -> pb.ModelInferResponse:
-            async with use_graph(self.manager, request.model_name, request.model_version) as graph:
-                call.bind(graph.model, graph.version)
-                names = [t.name for t in graph.spec.outputs]
-                wanted = [o.name for o in request.outputs] or names
-                unknown = [n for n in wanted if n not in names]
-                if unknown:  # before running the graph: nothing is computed for a request that cannot be answered
-                    raise InvalidArgument(f"{graph.oip_name} has no output {unknown[0]!r}; its outputs are {names}")
-                rows = self._input(request, graph)
-                outputs, timing = await graph.infer(rows, call.deadline)
-                call.add(timing)
-                response = pb.ModelInferResponse(
-                    model_name=graph.oip_name, model_version=str(graph.version), id=request.id,
-                )
-                for name in wanted:
-                    array = np.ascontiguousarray(outputs[names.index(name)], dtype="<f4")
-                    response.outputs.add(name=name, datatype=FP32, shape=list(array.shape))
-                    response.raw_output_contents.append(array.tobytes())
-                return response
-
-        return await self.calls.run("ModelInfer", context, body)
+    @rpc
+    async def ModelInfer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
+        async with use_graph(self.manager, request.model_name, request.model_version) as graph:
+            call.bind(graph.model, graph.version)
+            names = [t.name for t in graph.spec.outputs]
+            wanted = [o.name for o in request.outputs] or names
+            unknown = [n for n in wanted if n not in names]
+            if unknown:  # before running the graph: nothing is computed for a request that cannot be answered
+                raise InvalidArgument(f"{graph.oip_name} has no output {unknown[0]!r}; its outputs are {names}")
+            rows = self._input(request, graph)
+            outputs, timing = await graph.infer(rows, call.deadline)
+            call.add(timing)
+            response = pb.ModelInferResponse(
+                model_name=graph.oip_name, model_version=str(graph.version), id=request.id,
+            )
+            for name in wanted:
+                array = np.ascontiguousarray(outputs[names.index(name)], dtype="<f4")
+                response.outputs.add(name=name, datatype=FP32, shape=list(array.shape))
+                response.raw_output_contents.append(array.tobytes())
+            return response
 
     def _input(self, request: pb.ModelInferRequest, graph: LoadedGraph) -> np.ndarray:
         """The one input tensor as float32 (N, ...), from raw_input_contents or contents.fp32_contents."""
@@ -251,9 +242,9 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     f"input {spec.name!r}: {len(values)} values in contents.fp32_contents, shape {shape} needs {count}"
                 )
             array = np.asarray(values, dtype=np.float32).reshape(shape)
-        if not np.isfinite(array).all():
+        largest = largest_magnitude(array)
+        if not math.isfinite(largest):
             raise InvalidArgument(f"input {spec.name!r} contains NaN or infinite values")
-        largest = float(np.abs(array).max())
         if largest > self.limits.max_latent_abs:
             raise InvalidArgument(
                 f"input {spec.name!r} has a value of magnitude {largest:.4g}, over limits.max_latent_abs "
@@ -262,41 +253,35 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return array
 
     # --- repository -----------------------------------------------------------------------------
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
-        async def body(call: Call) -> pb.RepositoryIndexResponse:
-            index = pb.RepositoryIndexResponse.ModelIndex
-            models = []
-            for entry in await self.manager.index(ready_only=request.ready):
-                names = [f"{entry.name}.{part}" for part in entry.parts] or [entry.name]
-                for name in names:
-                    models.append(index(name=name, version="" if entry.version is None else str(entry.version),
-                                        state=entry.state, reason=entry.reason))
-            return pb.RepositoryIndexResponse(models=models)
+    @rpc
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, call: Call) -> pb.RepositoryIndexResponse:
+        index = pb.RepositoryIndexResponse.ModelIndex
+        models = []
+        for entry in await self.manager.index(ready_only=request.ready):
+            names = [f"{entry.name}.{part}" for part in entry.parts] or [entry.name]
+            for name in names:
+                models.append(index(name=name, version="" if entry.version is None else str(entry.version),
+                                    state=entry.state, reason=entry.reason))
+        return pb.RepositoryIndexResponse(models=models)
 
-        return await self.calls.run("RepositoryIndex", context, body)
+    @rpc
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, call: Call) -> pb.RepositoryModelLoadResponse:
+        name = _model_name(request.model_name)
+        if request.parameters:
+            raise InvalidArgument(
+                f"load parameters are not supported (got {sorted(request.parameters)}); genserve loads "
+                "the newest valid version from its repository"
+            )
+        loaded = await self.manager.load(name, explicit=True)
+        call.bind(loaded.name, loaded.version)
+        return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
-        async def body(call: Call) -> pb.RepositoryModelLoadResponse:
-            name = _model_name(request.model_name)
-            if request.parameters:
-                raise InvalidArgument(
-                    f"load parameters are not supported (got {sorted(request.parameters)}); genserve loads "
-                    "the newest valid version from its repository"
-                )
-            loaded = await self.manager.load(name, explicit=True)
-            call.bind(loaded.name, loaded.version)
-            return pb.RepositoryModelLoadResponse()
-
-        return await self.calls.run("RepositoryModelLoad", context, body)
-
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
-        async def body(call: Call) -> pb.RepositoryModelUnloadResponse:
-            name = _model_name(request.model_name)
-            await self.manager.unload(name)
-            call.bind(name, "")  # only now: an invented name must not become a metric label
-            return pb.RepositoryModelUnloadResponse()
-
-        return await self.calls.run("RepositoryModelUnload", context, body)
+    @rpc
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, call: Call) -> pb.RepositoryModelUnloadResponse:
+        name = _model_name(request.model_name)
+        await self.manager.unload(name)
+        call.bind(name, "")  # only now: an invented name must not become a metric label
+        return pb.RepositoryModelUnloadResponse()
 
     # --- not supported --------------------------------------------------------------------------
     async def _unsupported(self, context: grpc.aio.ServicerContext, what: str) -> None:

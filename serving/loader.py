@@ -146,10 +146,15 @@ def start_version(manifest: Manifest, sessions: PreparedSessions, settings: Mode
             max_queue_delay_us=settings.max_queue_delay_us,
             max_queue_size=settings.max_queue_size,
             merge=settings.dynamic_batching,
+            policy=settings.batching_policy,
+            inline_below_us=settings.inline_execution_us,
             instances=settings.instances,
             observer=stats,
         )
         batcher.start()
         graphs[part] = LoadedGraph(name, version, part, variant, manifest.parts[part], session, batcher, stats)
         metrics.provider.labels(name, str(version), part, session.provider).set(1)
-    return LoadedVersion(manifest, graphs, settings)
+    loaded = LoadedVersion(manifest, graphs, settings)
+    for graph in graphs.values():  # who may still join a batch: the requests holding this version
+        graph.batcher.company = lambda: loaded.in_flight
+    return loaded

@@ -31,7 +31,7 @@ from serving.errors import FailedPrecondition, InvalidArgument, NotFound, Servin
 from serving.loader import LoadError, PreparedSessions, prepare_version, start_version
 from serving.logs import log_event
 from serving.metrics import ServerMetrics
-from serving.versions import IndexEntry, LoadedVersion, ModelStates, State, VersionState
+from serving.versions import IndexEntry, Lease, LoadedVersion, ModelStates, State, VersionState
 from serving.worker_group import WorkerGroup
 
 log = logging.getLogger("genserve.models")
@@ -68,6 +68,7 @@ class ModelManager:
         self._executor = executor
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="genserve-loader")
         self._models: dict[str, ModelStates] = {}  # every version's state, by model name
+        self._serving: dict[str, dict[int, LoadedVersion]] = {}  # the READY versions, by name (kept by _set)
         # per-name locks, only while a load or unload of that name runs or waits (invented names
         # must not grow the table); `_marked` remembers which names carry this server's mark
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
@@ -95,6 +96,11 @@ class ModelManager:
             states.versions.pop(version, None)
         else:
             states.versions[version] = record
+        ready = states.ready()
+        if ready:
+            self._serving[name] = ready
+        else:
+            self._serving.pop(name, None)
         if states.empty:
             del self._models[name]
 
@@ -120,10 +126,10 @@ class ModelManager:
 
     def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
         """The loaded version (newest when None or 0); NotFound/Unavailable saying why not."""
-        check_name(name)
-        states = self._states(name)
-        versions = states.ready()
-        if not versions:
+        versions = self._serving.get(name)
+        if not versions:  # only names that passed check_name are ever served
+            check_name(name)
+            states = self._states(name)
             if states.in_state(State.LOADING):
                 raise Unavailable(f"model {name!r} is loading; retry shortly")
             if states.unloaded:
@@ -139,7 +145,7 @@ class ModelManager:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidArgument(f"version must be a positive integer or 0 (newest), got {version!r}")
         if version not in versions:
-            record = states.versions.get(version)
+            record = self._states(name).versions.get(version)
             why = record.reason if record is not None and record.refused else None
             raise NotFound(
                 f"model {name!r} version {version} is not loaded"
@@ -148,18 +154,10 @@ class ModelManager:
             )
         return versions[version]
 
-    @contextlib.asynccontextmanager
-    async def use(self, name: str, version: int | None = None) -> AsyncIterator[LoadedVersion]:
-        """Hold a lease on a version for the duration of a request (it is not retired meanwhile)."""
+    def use(self, name: str, version: int | None = None) -> Lease:
+        """`async with use(...) as loaded`: hold a lease on a version for the duration of a request."""
         loaded = self.resolve(name, version)
-        loaded.in_flight += 1
-        loaded.idle.clear()
-        try:
-            yield loaded
-        finally:
-            loaded.in_flight -= 1
-            if loaded.in_flight == 0:
-                loaded.idle.set()
+        return Lease(loaded, loaded)
 
     # --- workers (serving/worker_group.py) -------------------------------------------------------
     def agreed(self, name: str, version: int) -> bool:

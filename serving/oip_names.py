@@ -4,14 +4,12 @@ the newest). The inference service reads names and versions through these helper
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import AsyncIterator
 
 from export.manifest import PART_NAMES
 from serving.errors import InvalidArgument, NotFound
 from serving.models import ModelManager, check_name
-from serving.versions import LoadedGraph
+from serving.versions import Lease
 
 _VERSION_TEXT = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²" and "١" are str.isdigit()), within int64
 
@@ -39,13 +37,12 @@ def parse_version(text: str) -> int | None:
     return int(text)
 
 
-@contextlib.asynccontextmanager
-async def use_graph(manager: ModelManager, oip_name: str, version: str = "") -> AsyncIterator[LoadedGraph]:
-    """Lease the graph an inference-protocol model name (`<model>.<part>`) and version string name."""
+def use_graph(manager: ModelManager, oip_name: str, version: str = "") -> Lease:
+    """`async with use_graph(...) as graph`: lease the graph an inference-protocol model name
+    (`<model>.<part>`) and version string name."""
     model, part = split_oip_name(oip_name)
-    number = parse_version(version)
-    async with manager.use(model, number) as loaded:
-        graph = loaded.graph(part)
-        if graph is None:
-            raise NotFound(f"model {model!r} version {loaded.version} has no part {part!r}; it has {sorted(loaded.graphs)}")
-        yield graph
+    loaded = manager.resolve(model, parse_version(version))
+    graph = loaded.graph(part)
+    if graph is None:
+        raise NotFound(f"model {model!r} version {loaded.version} has no part {part!r}; it has {sorted(loaded.graphs)}")
+    return Lease(loaded, graph)

@@ -61,7 +61,10 @@ class GraphStats:
         self.inference_count += rows
         self.last_inference_ms = int(time.time() * 1000)
         self.compute.add(seconds, rows)
-        self.batches.setdefault(rows, Duration()).add(seconds)
+        batch = self.batches.get(rows)
+        if batch is None:
+            batch = self.batches[rows] = Duration()
+        batch.add(seconds)
         self._batch_size.observe(rows)
         self._samples.inc(rows)
         self._executions.inc()

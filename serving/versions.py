@@ -23,6 +23,7 @@ import numpy as np
 
 from export import Manifest, PartSpec
 from serving.batcher import DynamicBatcher, Timing
+from serving.codec import all_finite
 from serving.config import ModelSettings
 from serving.errors import InvalidArgument, ServingError
 from serving.runtime import GraphSession
@@ -58,7 +59,7 @@ class LoadedGraph:
         started = time.perf_counter()
         try:
             result = await self.batcher.infer(rows, deadline)
-            if not all(np.isfinite(output).all() for output in result[0]):  # never an OK with NaN pixels
+            if not all(all_finite(output) for output in result[0]):  # never an OK with NaN pixels
                 raise InvalidArgument(
                     f"{self.oip_name} version {self.version} computed NaN or infinite values for these inputs; "
                     "send smaller latents (or a lower temperature)"
@@ -94,6 +95,29 @@ class LoadedVersion:
 
     def graph(self, part: str) -> LoadedGraph | None:
         return self.graphs.get(part)
+
+
+class Lease:
+    """A request's hold on a loaded version (it is not retired meanwhile), as an async context
+    manager that gives `held`: the version or one of its graphs. A plain class: a generator-based
+    context manager per request costs several times as much."""
+
+    __slots__ = ("version", "held")
+
+    def __init__(self, version: LoadedVersion, held: LoadedVersion | LoadedGraph):
+        self.version, self.held = version, held
+
+    async def __aenter__(self) -> LoadedVersion | LoadedGraph:
+        version = self.version
+        version.in_flight += 1
+        version.idle.clear()
+        return self.held
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        version = self.version
+        version.in_flight -= 1
+        if version.in_flight == 0:
+            version.idle.set()
 
 
 @dataclass

@@ -54,12 +54,13 @@ def tensor_to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
         raise WireFormatError(f"{what}: shape {shape} is invalid; give 1 to {MAX_RANK} non-negative dimensions")
     dtype = DTYPES[tensor.dtype]
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # read once: every read of a bytes field makes a new bytes object
+    if len(data) != expected:
         raise WireFormatError(
-            f"{what}: {len(tensor.data)} bytes of data, but shape {shape} of {DTYPE_NAMES[tensor.dtype]} "
+            f"{what}: {len(data)} bytes of data, but shape {shape} of {DTYPE_NAMES[tensor.dtype]} "
             f"needs {expected} bytes"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

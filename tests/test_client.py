@@ -137,7 +137,7 @@ def test_retries_while_unavailable_then_succeeds(repo_root: Path) -> None:
 
 def test_deadline_and_token(repo_root: Path) -> None:
     config = server_config(repo_root, metrics_port=None, auth_token="tok",
-                           models={"mnist-vae": {"max_queue_delay_us": 2_000_000}})
+                           models={"mnist-vae": {"max_queue_delay_us": 2_000_000, "batching_policy": "fixed"}})
     server = RunningServer(config).start()
     try:
         with GenserveClient(server.address, timeout=5) as anonymous, pytest.raises(GenserveError) as info:

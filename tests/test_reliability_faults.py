@@ -126,7 +126,9 @@ def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict]:
 def test_sigterm_under_load_loses_no_accepted_request(repo: Repository, tmp_path: Path) -> None:
     config = tmp_path / "serve.yaml"  # requests wait 50 ms in the batcher: some are in flight at SIGTERM
     # asyncio's own loop here (the other subprocess tests run on uvloop, the default): both shut down cleanly
-    config.write_text("event_loop: asyncio\ndefaults: {intra_op_threads: 1, max_queue_delay_us: 50000}\n")
+    # log_level debug: the access log line of every call, OK ones included (the server's own account below)
+    config.write_text("event_loop: asyncio\nlog_level: debug\n"
+                      "defaults: {intra_op_threads: 1, max_queue_delay_us: 50000, batching_policy: fixed}\n")
     port = _free_port()
     server = start_server(repo.root, port, "--grace-period", "10", "--config", str(config))
     try:
@@ -365,6 +367,7 @@ class _FrameReader:
 
 def test_stalled_clients_do_not_block_others(repo: Repository, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="genserve")
+    caplog.set_level(logging.DEBUG, logger="genserve.rpc")  # the access log of OK calls is at debug
     server = RunningServer(server_config(repo.root)).start()
     stalled: list[socket.socket] = []
     try:
@@ -429,7 +432,8 @@ def test_stalled_clients_do_not_block_others(repo: Repository, caplog: pytest.Lo
 def test_cancelled_calls_leave_the_server_healthy(repo: Repository) -> None:
     # requests of 24 rows wait up to 5 ms to share batches of 64: cancelled calls sit in the queue or
     # in a running batch beside calls that are not cancelled
-    server = RunningServer(server_config(repo.root, defaults={"max_queue_size": 512, "max_queue_delay_us": 5000})).start()
+    server = RunningServer(server_config(repo.root, defaults={"max_queue_size": 512, "max_queue_delay_us": 5000,
+                                                              "batching_policy": "fixed"})).start()
     try:
         with server.channel() as channel:
             genserve = genserve_pb2_grpc.GenserveStub(channel)

@@ -6,6 +6,7 @@ cancellation, overload, metrics. One server (in a thread) serves every test of t
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.request
 from pathlib import Path
@@ -41,7 +42,7 @@ KINDS = registered_kinds()
 SAMPLERS = [k for k in KINDS if k in ("vae", "dense-vae", "gan", "dcgan", "aae")]  # kinds with a prior
 ENCODERS = [k for k in KINDS if k in ("vae", "dense-vae", "ae", "aae")]
 IMAGE_SHAPE = (1, 28, 28)
-SLOW = "mnist-vae-slow"  # a copy of mnist-vae whose batcher waits 1 s for company
+SLOW = "mnist-vae-slow"  # a copy of mnist-vae whose batcher waits 1 s for company (the fixed policy)
 TIGHT = "mnist-gan-tight"  # a copy of mnist-gan with a queue of 3 batches of 2
 MAX_MESSAGE = 1024 * 1024
 Code = grpc.StatusCode
@@ -56,7 +57,7 @@ def server(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory):
         repo.root,
         limits=Limits(max_message_bytes=MAX_MESSAGE, max_samples_per_request=256, max_images_per_request=64),
         models={
-            SLOW: {"max_queue_delay_us": 1_000_000, "max_batch_size": 64},
+            SLOW: {"max_queue_delay_us": 1_000_000, "max_batch_size": 64, "batching_policy": "fixed"},
             TIGHT: {"max_batch_size": 2, "max_queue_size": 3},
         },
     )
@@ -597,3 +598,22 @@ def test_metrics_endpoint_exposes_the_documented_series(server, genserve) -> Non
     assert metric(server, "process_cpu_seconds_total") > 0 and metric(server, "process_resident_memory_bytes") > 0
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     assert "# TYPE genserve_model_load_failures_total counter" in text
+
+
+def test_access_log_is_off_at_info_but_the_request_counters_stay_exact(server, genserve, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="genserve")
+    counted = lambda code: metric(server, "genserve_requests_total", method="Generate", model="mnist-vae", code=code)  # noqa: E731
+    ok, invalid = counted("OK"), counted("INVALID_ARGUMENT")
+    for seed in range(40):
+        genserve.Generate(pb.GenerateRequest(model="mnist-vae", count=1, seed=seed), timeout=30)
+    for _ in range(3):
+        expect_error(Code.INVALID_ARGUMENT, "count must be at least 1", genserve.Generate,
+                     pb.GenerateRequest(model="mnist-vae", count=0), timeout=30)
+    assert (counted("OK"), counted("INVALID_ARGUMENT")) == (ok + 40, invalid + 3)  # every call counted, once
+    lines = [r for r in caplog.records if r.getMessage() == "rpc" and r.genserve_fields.get("method") == "Generate"]
+    # no line for the 40 OK calls at the default level; the failed ones still get theirs, at warning
+    assert [(r.levelname, r.genserve_fields["code"]) for r in lines] == [("WARNING", "INVALID_ARGUMENT")] * 3
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="genserve.rpc")  # log_level: debug brings the OK lines back
+    genserve.Generate(pb.GenerateRequest(model="mnist-vae", count=1), timeout=30)
+    assert [r.levelname for r in caplog.records if r.getMessage() == "rpc"] == ["DEBUG"]

@@ -39,8 +39,9 @@ def repo(golden_repository: Path, tmp_path: Path) -> Repository:
 
 def test_sigterm_lets_in_flight_calls_finish_then_exits_0(repo: Repository, tmp_path: Path) -> None:
     config = tmp_path / "serve.yaml"  # requests wait 1.5 s in the batcher: in flight when SIGTERM comes
-    config.write_text("defaults: {intra_op_threads: 1}\nmodels:\n  mnist-vae: {max_queue_delay_us: 1500000}\n")
-    server = start_server(["--repository", str(repo.root), "--config", str(config), "--grace-period", "10"])
+    config.write_text("defaults: {intra_op_threads: 1}\nmodels:\n  mnist-vae: {max_queue_delay_us: 1500000, batching_policy: fixed}\n")
+    server = start_server(["--repository", str(repo.root), "--config", str(config), "--grace-period", "10",
+                           "--log-level", "debug"])  # debug: the access log of OK calls too
     try:
         listening = server.wait_for("listening")
         assert listening["event_loop"] == "uvloop"  # a dependency on Linux: event_loop auto picks it
@@ -80,7 +81,7 @@ def test_sigterm_lets_in_flight_calls_finish_then_exits_0(repo: Repository, tmp_
         assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
         rpcs = [e for e in server.events if e.get("event") == "rpc" and e.get("method") == "Generate"]
         assert {e["request_id"] for e in rpcs if e["code"] == "OK"} == {"inflight-0", "inflight-1", "inflight-2"}
-        assert all(e["level"] in ("info", "warning") and "ts" in e for e in server.events)
+        assert all(e["level"] in ("debug", "info", "warning") and "ts" in e for e in server.events)
         assert [e["event"] for e in server.events][-1] == "stopped"
         assert repo.serving_versions("mnist-vae") == set()
         channel.close()

@@ -85,7 +85,7 @@ def _status(health, request) -> int | None:
 
 
 def test_hot_reload_under_load_fails_no_request(repo: Repository) -> None:
-    server = start(repo, poll_interval_s=0.1, models={"mnist-vae": {"max_queue_delay_us": 20_000}})
+    server = start(repo, poll_interval_s=0.1, models={"mnist-vae": {"max_queue_delay_us": 20_000, "batching_policy": "fixed"}})
     try:
         genserve = genserve_pb2_grpc.GenserveStub(server.channel())
         images = np.zeros((2, 1, 28, 28), np.uint8)

@@ -347,7 +347,7 @@ def test_batcher_waits_at_most_the_queue_delay() -> None:
 
     async def scenario() -> None:
         with ThreadPoolExecutor(1) as executor:
-            batcher = _batcher(graph, executor, max_queue_delay_us=30_000)
+            batcher = _batcher(graph, executor, max_queue_delay_us=30_000, policy="fixed")
             started = time.perf_counter()
             await batcher.infer(_rows(0, 1))
             waited = time.perf_counter() - started
@@ -355,6 +355,80 @@ def test_batcher_waits_at_most_the_queue_delay() -> None:
             await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_adaptive_batcher_does_not_keep_a_lone_request_waiting_for_company() -> None:
+    graph = SlowGraph()
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            for company in (None, lambda: 1):  # unknown; only the request itself holds the version
+                batcher = _batcher(graph, executor, max_queue_delay_us=20_000, company=company)
+                for i in range(4):  # a lone client: each request some time after the previous one's answer
+                    outputs, _ = await batcher.infer(_rows(i, 3))
+                    np.testing.assert_array_equal(outputs[0], _rows(i, 3) * 2)
+                    await asyncio.sleep(0.05)
+                assert (batcher.executions, batcher.waits) == (4, 0)  # never waited for company
+                await batcher.close()
+            fixed = _batcher(graph, executor, max_queue_delay_us=20_000, policy="fixed")
+            await fixed.infer(_rows(0, 3))
+            assert fixed.waits == 1  # Triton's policy makes the same request wait out the delay
+            await fixed.close()
+
+    asyncio.run(scenario())
+
+
+async def _trickle(batcher: DynamicBatcher, count: int) -> list:
+    """`count` one-row requests, each arriving one pass of the event loop after the previous one."""
+    tasks = []
+    for i in range(count):
+        tasks.append(asyncio.get_running_loop().create_task(batcher.infer(_rows(i, 1))))
+        await asyncio.sleep(0)
+    return await asyncio.gather(*tasks)
+
+
+def test_adaptive_batcher_merges_requests_that_come_while_others_hold_the_version() -> None:
+    graph = SlowGraph()
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            # six callers hold the version; the batch closes when full, long before the minute's delay
+            adaptive = _batcher(graph, executor, max_batch_size=6, max_queue_delay_us=60_000_000, company=lambda: 6)
+            results = await asyncio.wait_for(_trickle(adaptive, 6), timeout=30)
+            for i, (outputs, _) in enumerate(results):
+                np.testing.assert_array_equal(outputs[0], _rows(i, 1) * 2)
+            assert (adaptive.executions, graph.batches) == (1, [6])  # six requests, one execution
+            await adaptive.close()
+            # the same arrivals without waiting for company (Triton's policy with no delay) run apart
+            graph.batches.clear()
+            fixed = _batcher(graph, executor, max_batch_size=6, max_queue_delay_us=0, policy="fixed")
+            await _trickle(fixed, 6)
+            assert fixed.executions > 1 and sum(graph.batches) == 6
+            await fixed.close()
+
+    asyncio.run(scenario())
+
+
+def test_adaptive_batcher_merges_a_fast_stream_of_requests() -> None:
+    graph = SlowGraph()
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            # nobody else holds the version (company counts only the one inside), but requests come
+            # far less than a quarter of the delay apart: the stream is merged
+            batcher = _batcher(graph, executor, max_batch_size=8, max_queue_size=64, max_queue_delay_us=60_000_000,
+                               company=lambda: batcher._inside)
+            await asyncio.wait_for(_trickle(batcher, 24), timeout=30)
+            assert sum(graph.batches) == 24 and batcher.executions < 12 and batcher.waits > 0
+            await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_batcher_policy_is_checked() -> None:
+    with pytest.raises(ValueError, match="adaptive, fixed"):
+        DynamicBatcher("test.graph", SlowGraph().run, None, max_batch_size=1, max_queue_delay_us=0, max_queue_size=1,
+                       policy="eager")
 
 
 # --- names -------------------------------------------------------------------------------------
