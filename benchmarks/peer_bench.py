@@ -453,8 +453,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="which of genserve, mlserver, mlserver-batch (default all three)")
     p.add_argument("--baseline-root", type=Path, help="also run genserve from this checkout (before/after)")
     p.add_argument("--mlserver-batch-time", type=float, default=0.001, help="max_batch_time of mlserver-batch (s)")
+    p.add_argument("--only", help="run only the cells whose label contains one of these, comma-separated "
+                   "(e.g. 'ServerLive,c=1'); the in-process limit is measured for every decoder cell")
     p.add_argument("--json", type=Path, help="also write every round's results here")
     args = p.parse_args(argv)
+    cells = [c for c in CELLS if not args.only or any(o in c.label for o in args.only.split(","))]
 
     servers = args.servers.split(",")
     if args.baseline_root:
@@ -482,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.mlserver_batch_time if name == "mlserver-batch" else None)
                 try:
                     server.wait_ready(list(MODELS.values()))
-                    for spec in CELLS:
+                    for spec in cells:
                         result = measure(server, spec, args.duration, round_index, inputs)
                         results.append(result)
                         print(f"  round {round_index} {name:16} {spec.label:38} {result.per_s:10,.0f}/s  "

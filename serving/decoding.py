@@ -41,12 +41,16 @@ class RequestBudget:
 
 
 class _Received:
-    """What the deserializer hands the handler: the message, or the status to end the call with."""
+    """What the deserializer hands the handler: the message, or the status to end the call with,
+    and `size`, the bytes it reserved from the budget (the handler releases them when the call ends)."""
 
-    __slots__ = ("message", "status", "details")
+    __slots__ = ("message", "status", "details", "size")
 
-    def __init__(self, message: Any, status: grpc.StatusCode | None = None, details: str = ""):
-        self.message, self.status, self.details = message, status, details
+    def __init__(self, message: Any, status: grpc.StatusCode | None = None, details: str = "", size: int = 0):
+        self.message, self.status, self.details, self.size = message, status, details, size
+
+
+_NOTHING = _Received(None)  # before the message arrives: nothing reserved
 
 
 def _message_name(deserializer: Callable[[bytes], Any]) -> str:
@@ -61,10 +65,13 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, receive_timeout_s: float, budget: RequestBudget):
         self.receive_timeout_s = receive_timeout_s
         self.budget = budget
+        # method -> (its handler, the wrapped one): built once per method, not per call
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def _deserializer(self, deserializer: Callable[[bytes], Any], name: str, reserved: list[int]) -> Callable[[bytes], _Received]:
-        """One call's deserializer; what it reserves from the budget is added to `reserved`, which
-        the call releases when it ends (however it ends, even if the message is never handed over)."""
+    def _deserializer(self, deserializer: Callable[[bytes], Any], name: str) -> Callable[[bytes], _Received]:
+        """A method's deserializer; what it reserves from the budget travels with the _Received it
+        returns, and the call releases it when it ends. The message is handed over in the same step
+        (grpc's reader yields it at once, no await between), so no reservation can be lost."""
         budget = self.budget
 
         def decode(data: bytes) -> _Received:
@@ -74,11 +81,10 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
                     f"the server holds {budget.used_bytes} bytes of requests in flight; this {size}-byte request "
                     f"would exceed the limit of {budget.limit_bytes} (limits.max_in_flight_request_bytes); "
                     "retry with backoff or send smaller requests"))
-            reserved[0] += size
             try:
-                return _Received(deserializer(data))
+                return _Received(deserializer(data), size=size)
             except Exception as error:  # DecodeError, or anything a custom deserializer raises
-                return _Received(None, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {name}: {error}")
+                return _Received(None, grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {name}: {error}", size)
 
         return decode
 
@@ -103,11 +109,18 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None or handler.request_streaming:
             return handler
+        cached = self._wrapped.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[details.method] = (handler, self._wrap(handler))
+        return cached[1]
+
+    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` served as a request-streaming method that reads its one message itself."""
         inner = handler.unary_unary or handler.unary_stream
         receive, budget = self._receive, self.budget
-        reserved = [0]  # request bytes this call holds from the budget
 
         async def unary(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
+            received = _NOTHING
             try:
                 received = await receive(requests, context)
                 if received.status is not None:
@@ -115,9 +128,10 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
                 request, received.message = received.message, None
                 return await inner(request, context)  # a response, or None (streamed with context.write)
             finally:
-                budget.release(reserved[0])
+                budget.release(received.size)
 
         async def streaming(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
+            received = _NOTHING
             try:
                 received = await receive(requests, context)
                 if received.status is not None:
@@ -127,7 +141,7 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
                 async for response in inner(request, context):
                     yield response
             finally:
-                budget.release(reserved[0])
+                budget.release(received.size)
 
         # the handler keeps its response kind; a response-streaming one may yield or use context.write
         if not handler.response_streaming:
@@ -136,7 +150,6 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
             make, behavior = grpc.stream_stream_rpc_method_handler, streaming if inspect.isasyncgenfunction(inner) else unary
         return make(
             behavior,
-            request_deserializer=self._deserializer(
-                handler.request_deserializer, _message_name(handler.request_deserializer), reserved),
+            request_deserializer=self._deserializer(handler.request_deserializer, _message_name(handler.request_deserializer)),
             response_serializer=handler.response_serializer,
         )
