@@ -373,6 +373,8 @@ def table(results: list[Result], servers: list[str]) -> str:
     rows = []
     for spec in CELLS:
         cell = spec.label
+        if not any(r.cell == cell and r.server != "in-process" for r in results):
+            continue  # not run (--only)
         line = [cell + (" (p50 ms)" if spec.latency_cell else " (req/s)" if not spec.decoder else " (samples/s)")]
         for server in ["in-process", *servers]:
             chosen = [r for r in results if r.server == server and r.cell == cell and r.ok]
@@ -430,7 +432,7 @@ def targets(results: list[Result], servers: list[str]) -> list[str]:
             if (ours > theirs) if spec.latency_cell else (ours < theirs):
                 behind.append(f"{spec.label} ({peer})")
     lines.append("ahead of MLServer in every cell: " + ("met" if not behind else "MISSED in " + "; ".join(behind)))
-    return lines
+    return [line for line in lines if "nan" not in line]  # cells not run (--only)
 
 
 def environment() -> dict[str, str]:
