@@ -9,8 +9,10 @@ decoder, the denoiser) put out, as Prometheus series per model, version and part
                                             export on the version's reference samples (a histogram; ~1 is
                                             normal, ~0 is a collapsed generator)
 
-Measured in the executor thread right after onnxruntime returns (SampleHealth.wrap wraps the graph's
-run function), so the event loop never pays for it; docs/benchmarks.md has the cost per sample.
+Measured right after onnxruntime returns, in the thread that ran the graph (SampleHealth.wrap wraps
+the graph's run function): the executor's, or the event loop's for a batch short enough to run
+inline (inline_execution_us, serving/batcher.py; the observation counts towards that time);
+docs/benchmarks.md has the cost per sample.
 """
 
 from __future__ import annotations
