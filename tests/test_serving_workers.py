@@ -60,8 +60,9 @@ class Workers:
 
 
 def start_workers(repo: Repository, *args: str) -> Workers:
+    # --log-level debug: the tests read which worker served each call from the access log of OK calls
     process = serving_process("--repository", str(repo.root), "--workers", "2", "--port", "0", "--metrics-port", "0",
-                              "--inference-threads", "1", *args)
+                              "--inference-threads", "1", "--log-level", "debug", *args)
     try:
         return Workers(process)
     except BaseException:
@@ -181,7 +182,7 @@ def test_a_killed_worker_is_restarted_and_counted(workers: Workers) -> None:
 def test_sigterm_drains_both_workers(golden_repository: Path, tmp_path: Path) -> None:
     repo = copy_repository(golden_repository, tmp_path / "repo", [MODEL])
     config = tmp_path / "serve.yaml"  # requests wait 1.5 s in the batcher: in flight when SIGTERM comes
-    config.write_text(f"defaults: {{intra_op_threads: 1}}\nmodels:\n  {MODEL}: {{max_queue_delay_us: 1500000}}\n")
+    config.write_text(f"defaults: {{intra_op_threads: 1}}\nmodels:\n  {MODEL}: {{max_queue_delay_us: 1500000, batching_policy: fixed}}\n")
     workers = start_workers(repo, "--config", str(config), "--grace-period", "10")
     channels = open_channels(workers.address, CHANNELS)
     try:
