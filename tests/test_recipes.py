@@ -17,7 +17,7 @@ from training.config import TrainConfig
 from training.data.types import ImageDataset
 from training.models import Batch, StepContext, build_model, model_class, model_classes, model_kinds
 from training.models.gan import MinibatchStdDev
-from training.trainer import Trainer, lr_factor, resolve_binarize
+from training.trainer import Trainer, lr_factor, resolve_batch_size, resolve_binarize
 
 
 def linear_sizes(module: nn.Module) -> list[tuple[int, int]]:
@@ -132,6 +132,20 @@ def test_binarisation_default_comes_from_the_model() -> None:
     assert not resolve_binarize(TrainConfig(model="vae", dataset="cifar10"))
     assert not resolve_binarize(TrainConfig(model="dcgan", dataset="mnist"))
     assert not resolve_binarize(TrainConfig(model="vae", dataset="mnist", binarize=False))
+
+
+def test_batch_size_default_comes_from_the_model(tmp_path) -> None:
+    assert resolve_batch_size(TrainConfig(model="dcgan")) == 64
+    assert resolve_batch_size(TrainConfig(model="dcgan-classic")) == 128
+    assert resolve_batch_size(TrainConfig(model="vae")) == 128
+    assert resolve_batch_size(TrainConfig(model="dcgan", batch_size=16)) == 16
+    # The resolved size is what the run records, and what the loader uses.
+    trainer = Trainer(TrainConfig(model="dcgan", out=str(tmp_path / "run"), epochs=1), dataset=tiny_dataset(200))
+    assert trainer.train_loader.batch_size == 64
+    trainer.write_run_files()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 64
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        TrainConfig(model="dcgan", batch_size=0).validate()
 
 
 def test_output_bias_starts_at_the_mean_logit() -> None:

@@ -18,7 +18,7 @@ class TrainConfig:
     data_dir: str | None = None  # --data-dir, else $GENSERVE_DATA, else ./data
     out: str = "runs/default"
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int | None = None  # None: the model kind's default (128; 64 for dcgan)
     lr: float | None = None  # None: the model kind's documented default
     lr_schedule: str | None = None  # cosine | constant; None: the model kind's default (cosine; constant for GANs)
     adam_beta1: float | None = None  # None: the model kind's default (0.9; 0.5 for GANs)
@@ -80,7 +80,7 @@ class TrainConfig:
         if self.likelihood not in ("bernoulli", "gaussian", "gaussian-learned"):
             raise ValueError(f"likelihood must be bernoulli, gaussian or gaussian-learned, not {self.likelihood!r}")
         for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}")

@@ -62,6 +62,10 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def resolve_batch_size(config: TrainConfig) -> int:
+    return config.batch_size or model_class(config.model).default_batch_size
+
+
 def resolve_binarize(config: TrainConfig) -> bool:
     if config.binarize is not None:
         return config.binarize
@@ -96,6 +100,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.out)
         self.dist = Distributed.from_environment()  # torchrun: one rank of several (training/distributed.py)
+        config.batch_size = resolve_batch_size(config)  # saved in config.json as resolved
         self.dist.check(config)
         self.device = self.dist.start(select_device(config.device))
         existing = epoch_checkpoints(self.run_dir)

@@ -59,6 +59,7 @@ class GenerativeModel(nn.Module):
     default_lr: ClassVar[float] = 1e-3
     default_beta1: ClassVar[float] = 0.9
     default_latent_dim: ClassVar[int] = 16
+    default_batch_size: ClassVar[int] = 128
     # "cosine": linear warm-up over the first WARMUP_FRACTION of steps, then cosine decay to 0; "constant".
     default_lr_schedule: ClassVar[str] = "cosine"
     # What the trainer and the evaluation read instead of lists of kind names:
