@@ -111,10 +111,10 @@ def build_model(repository: Path, kind: str, shape: tuple[int, int, int], workdi
     """Train `kind` one epoch on random images of `shape` and export it as <kind>-<shape> (max_batch 64)."""
     import torch
 
-    from export.pipeline import export_run
-    from training.config import TrainConfig
-    from training.data.types import ImageDataset
-    from training.trainer import train
+    from genserve.export.pipeline import export_run
+    from genserve.training.config import TrainConfig
+    from genserve.training.data.types import ImageDataset
+    from genserve.training.trainer import train
 
     images = torch.randint(0, 256, (TRAIN_IMAGES, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dataset = ImageDataset(f"synthetic-{shape_label(shape)}", images, None, images, None, None)
@@ -127,7 +127,7 @@ def build_model(repository: Path, kind: str, shape: tuple[int, int, int], workdi
 
 def build_missing(repository: Path, grid: list[tuple[str, tuple[int, int, int]]]) -> dict[str, str]:
     """Build every model of the grid the repository lacks; returns {name: why} for those that could not be."""
-    from export import Repository
+    from genserve.export import Repository
 
     repo = Repository(repository, create=True)
     missing = lambda: [(k, s) for k, s in grid if repo.latest(model_name(k, s)) is None]  # noqa: E731
@@ -179,7 +179,7 @@ class ModelCost:
 def graph_facts(repository: Path, cost: ModelCost) -> None:
     import onnx
 
-    from export import Repository
+    from genserve.export import Repository
 
     repo = Repository(repository)
     version = repo.latest(cost.model)
@@ -224,7 +224,7 @@ def start_server(repository: Path, workdir: Path, mode: str = MODE) -> ServerPro
 
 def baseline_rss_mib(workdir: Path) -> float:
     """VmRSS of a SERVING server with an empty repository."""
-    from export import Repository
+    from genserve.export import Repository
 
     repository = Repository(workdir / "repo", create=True).root
     server = start_server(repository, workdir)

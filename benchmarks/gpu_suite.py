@@ -101,7 +101,7 @@ DRY_RUN = Sizes(
 # --- the registry's kinds and recipes ----------------------------------------------------------------------
 def registry_kinds() -> tuple[str, ...]:
     """The default recipe of every model kind, from the model registry (the presets share their speed)."""
-    from training.models import model_kinds
+    from genserve.training.models import model_kinds
 
     return model_kinds(presets=False)
 
@@ -109,7 +109,7 @@ def registry_kinds() -> tuple[str, ...]:
 def recipe(kind: str, dataset: str, **overrides: Any):
     """The default recipe of `kind` on `dataset`, resolved as `genserve-train KIND --dataset DATASET` resolves
     it, with `overrides` as if given on the command line."""
-    from training.cli import resolve_config
+    from genserve.training.cli import resolve_config
 
     config, _ = resolve_config({"model": kind, "dataset": dataset, **overrides})
     return config
@@ -135,7 +135,7 @@ class Suite:
 
     def dataset(self, name: str):
         if name not in self.datasets:
-            from training.data.registry import load_dataset
+            from genserve.training.data.registry import load_dataset
 
             started = time.perf_counter()
             self.datasets[name] = load_dataset(name, self.data_dir)
@@ -169,7 +169,7 @@ def sync(device: str) -> None:
 def environment(sizes: Sizes) -> dict[str, Any]:
     import torch
 
-    from training.trainer import git_commit
+    from genserve.training.trainer import git_commit
 
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -196,7 +196,7 @@ def measure_epoch(suite: Suite, kind: str, dataset_name: str, *, compile: bool, 
     """Seconds per full training epoch of `kind`'s recipe on `dataset_name`: two Trainer.train_epoch passes over
     the first `images` images (the first warms up: compilation, cuDNN plans), the second timed and scaled."""
     from benchmarks.training_bench import _NoWriter
-    from training.trainer import Trainer
+    from genserve.training.trainer import Trainer
 
     dataset = suite.dataset(dataset_name)
     with tempfile.TemporaryDirectory(prefix="genserve-gpu-probe-") as tmp:
@@ -223,7 +223,7 @@ def measure_epoch(suite: Suite, kind: str, dataset_name: str, *, compile: bool, 
 @contextlib.contextmanager
 def timed_final_metrics(sink: dict[str, float]) -> Iterator[None]:
     """Time training.evaluation.final_metrics (the NLL, the FIDs) while Trainer.run calls it."""
-    import training.evaluation as evaluation
+    import genserve.training.evaluation as evaluation
 
     original = evaluation.final_metrics
 
@@ -245,7 +245,7 @@ def run_until(config, dataset, deadline: float, epoch_s: float) -> dict[str, Any
     """Trainer.run for config.epochs, stopped between epochs when the next one would end after `deadline`
     (it is expected to take as long as the last one, or epoch_s after the first, which also compiles); a stopped run is finished as genserve-train --resume --epochs DONE finishes it
     (final metrics and pictures on the last whole epoch)."""
-    from training.trainer import Trainer
+    from genserve.training.trainer import Trainer
 
     trainer = Trainer(config, dataset=dataset)
     inner = trainer.train_epoch
@@ -392,8 +392,8 @@ def inception_fid_of_run(run_dir: Path, suite: Suite, dataset_name: str) -> floa
     """fid_inception for a finished run, where training skipped it (on the CPU, where it is slow)."""
     import torch
 
-    from training.checkpoint import load_trained_model
-    from training.evaluation.sample_quality import sample_quality_metrics
+    from genserve.training.checkpoint import load_trained_model
+    from genserve.training.evaluation.sample_quality import sample_quality_metrics
 
     model, config, _, _ = load_trained_model(run_dir, "last", torch.device(suite.sizes.device))
     dataset = suite.dataset(dataset_name).limited(config.limit)
@@ -401,7 +401,7 @@ def inception_fid_of_run(run_dir: Path, suite: Suite, dataset_name: str) -> floa
 
 
 def part_dcgan(suite: Suite) -> dict[str, Any]:
-    from training.evaluation.inception import InceptionWeightsError, weights_path
+    from genserve.training.evaluation.inception import InceptionWeightsError, weights_path
 
     sizes = suite.sizes
     try:
@@ -432,8 +432,8 @@ def served_network(kind: str, suite: Suite):
     else the recipe's freshly initialised network (speed does not depend on the weights)."""
     import torch
 
-    from training.checkpoint import CheckpointError, load_trained_model
-    from training.models import build_model
+    from genserve.training.checkpoint import CheckpointError, load_trained_model
+    from genserve.training.models import build_model
 
     name = suite.dataset_name("mnist")
     run_dir = suite.runs_dir / f"{kind}-{name}"
@@ -467,7 +467,7 @@ def time_calls(fn: Callable[[], Any], suite: Suite) -> tuple[int, float]:
 def part_generation(suite: Suite) -> dict[str, Any]:
     import torch
 
-    from training.models import model_class
+    from genserve.training.models import model_class
 
     deadline = time.perf_counter() + suite.sizes.generation_budget_s
     kinds = [k for k in registry_kinds() if model_class(k).can_sample]

@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from export.files import sha256_file
+from genserve.export.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CALL_LIMIT_MIB = 64  # what one device call carries, working tree included
@@ -58,7 +58,7 @@ class CarriedFile:
 
 def dataset_files(data_dir: Path, names: tuple[str, ...] = DATASETS) -> dict[str, Path]:
     """{path under STAGE/root: source file} for the datasets the suite trains on, as the loaders find them."""
-    from training.data.cifar import cifar10_sources
+    from genserve.training.data.cifar import cifar10_sources
 
     files: dict[str, Path] = {}
     for name in names:
@@ -85,7 +85,7 @@ def dataset_files(data_dir: Path, names: tuple[str, ...] = DATASETS) -> dict[str
 
 def inception_files() -> dict[str, Path]:
     """The FID Inception weights, where training/evaluation/inception.py looks for them."""
-    from training.evaluation.inception import PACKAGE, WEIGHTS_FILE, weights_path
+    from genserve.training.evaluation.inception import PACKAGE, WEIGHTS_FILE, weights_path
 
     return {f"site/{PACKAGE}/{WEIGHTS_FILE}": weights_path()}
 

@@ -1,6 +1,6 @@
 """Server RSS under large rejected requests (issue 18, High 1): before the calls, right after, and idle.
 
-Starts `python -m serving.cli` on an empty repository in a subprocess (so the client's own memory
+Starts `python -m genserve.serving.cli` on an empty repository in a subprocess (so the client's own memory
 is not counted), sends CALLS Encode requests of SIZE MiB, CONCURRENCY at a time, that the server
 rejects (no token on a token-protected server, or an unknown model on an open one), and prints
 the server's RSS as a table. Run from the repository root:
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import grpc
 
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc
 
 MiB = 1 << 20
 
@@ -57,7 +57,7 @@ def measure(case: str, calls: int, size_mib: int, concurrency: int) -> tuple[flo
         root = Path(tmp)
         (root / "repo").mkdir()
         port = _free_port()
-        args = [sys.executable, "-m", "serving.cli", "--repository", str(root / "repo"), "--port", str(port),
+        args = [sys.executable, "-m", "genserve.serving.cli", "--repository", str(root / "repo"), "--port", str(port),
                 "--no-metrics", "--poll-interval", "0", "--log-level", "error"]
         if case == "no token":
             (root / "token").write_text("s3cret\n")

@@ -205,7 +205,7 @@ class GenserveServer(Server):
         path.write_text(yaml.safe_dump(config))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(code_root), os.environ.get("PYTHONPATH")])))
         self.log = open(workdir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([sys.executable, "-m", "serving.cli", "--config", str(path)],
+        self.process = subprocess.Popen([sys.executable, "-m", "genserve.serving.cli", "--config", str(path)],
                                         stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=code_root)
         self.address = f"127.0.0.1:{port}"
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -216,7 +216,7 @@ class GenserveServer(Server):
 
 class MLServer(Server):
     def __init__(self, name: str, mlserver: Path, repository: Path, workdir: Path, batch_time_s: float | None):
-        from export import Repository
+        from genserve.export import Repository
 
         self.name = name
         port = free_port()
@@ -255,7 +255,7 @@ def error_code(error: Exception) -> str:
 
 def decoder_inputs(repository: Path) -> dict[str, tuple[str, int]]:
     """model -> (input name, latent dim) of its decoder, from the manifests (MLServer's metadata has none)."""
-    from export import Repository
+    from genserve.export import Repository
 
     repo = Repository(repository)
     inputs = {}
@@ -323,8 +323,8 @@ def measure(server: Server, spec: CellSpec, duration: float, round_index: int, i
 
 def in_process(repository: Path, duration: float, round_index: int) -> list[Result]:
     """The same graphs called in a loop with genserve's session options, at batch 1 and 64."""
-    from export import Repository
-    from serving.runtime import load_session
+    from genserve.export import Repository
+    from genserve.serving.runtime import load_session
 
     repo = Repository(repository)
     results = []

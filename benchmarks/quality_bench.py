@@ -84,8 +84,8 @@ def figures(final: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_cell(cell: Cell, root: Path, data_dir: str | None) -> dict[str, Any]:
-    from training.config import TrainConfig
-    from training.trainer import train
+    from genserve.training.config import TrainConfig
+    from genserve.training.trainer import train
 
     run_dir = root / cell.name
     metrics_path = run_dir / "metrics.json"

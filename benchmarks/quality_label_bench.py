@@ -22,10 +22,10 @@ from pathlib import Path
 def untrained_run(run_dir: Path, kind: str) -> Path:
     import torch
 
-    from training.checkpoint import save_checkpoint
-    from training.config import TrainConfig
-    from training.data.registry import load_dataset
-    from training.models import build_model
+    from genserve.training.checkpoint import save_checkpoint
+    from genserve.training.config import TrainConfig
+    from genserve.training.data.registry import load_dataset
+    from genserve.training.models import build_model
 
     dataset = load_dataset("mnist-5k")
     config = TrainConfig(model=kind, dataset="mnist-5k", out=str(run_dir), epochs=1)
@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=500, help="quality samples (default: genserve-export's 500)")
     args = parser.parse_args(argv)
 
-    from export import Repository
-    from export.pipeline import export_run, quality_meter
-    from export.quality import QualityConfig
-    from training.checkpoint import load_trained_model
-    from training.evaluation.classifier import domain_classifier
-    from training.evaluation.sample_quality import classifier_dataset
+    from genserve.export import Repository
+    from genserve.export.pipeline import export_run, quality_meter
+    from genserve.export.quality import QualityConfig
+    from genserve.training.checkpoint import load_trained_model
+    from genserve.training.evaluation.classifier import domain_classifier
+    from genserve.training.evaluation.sample_quality import classifier_dataset
 
     print(f"# {os.cpu_count()} CPUs, load {os.getloadavg()}, --quality-samples {args.samples}")
     header = f"{'kind':<8} {'export, no labels s':>20} {'export, labels s':>17} {'measure s':>10}  labels"

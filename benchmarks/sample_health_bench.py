@@ -29,9 +29,9 @@ def generator_session(kind: str, shape: tuple[int, int, int]):
     import onnxruntime as ort
     import torch
 
-    from export.onnx_export import describe_part, export_part
-    from training.config import TrainConfig
-    from training.models import build_model
+    from genserve.export.onnx_export import describe_part, export_part
+    from genserve.training.config import TrainConfig
+    from genserve.training.models import build_model
 
     torch.manual_seed(0)
     model = build_model(kind, shape, TrainConfig(model=kind, dataset="mnist-5k"), num_classes=10).eval()
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="timings of observe() alone (default 15)")
     args = parser.parse_args(argv)
 
-    from serving.metrics import ServerMetrics
-    from serving.sample_health import SampleHealth
+    from genserve.serving.metrics import ServerMetrics
+    from genserve.serving.sample_health import SampleHealth
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
     print(f"# {args.rounds} interleaved rounds of {args.seconds:g} s per cell; onnxruntime 1 intra-op thread")

@@ -92,7 +92,7 @@ def workloads(full: bool) -> list[Workload]:
 
 
 def request_for(workload: Workload, seed: int):
-    from serving.protos import genserve_pb2 as pb
+    from genserve.serving.protos import genserve_pb2 as pb
 
     output_format = pb.ImageFormat.Value(f"IMAGE_FORMAT_{workload.image_format.upper()}")
     if workload.rpc == "Generate":
@@ -144,10 +144,10 @@ def load_average() -> float:
 
 # --- in-process limit --------------------------------------------------------------------------
 def in_process(repository: Path, items: list[Workload], intra_op_threads: int, duration: float, max_calls: int) -> list[Cell]:
-    from export import Repository
-    from serving import codec, latents
-    from serving.protos import genserve_pb2 as pb
-    from serving.runtime import load_session
+    from genserve.export import Repository
+    from genserve.serving import codec, latents
+    from genserve.serving.protos import genserve_pb2 as pb
+    from genserve.serving.runtime import load_session
 
     repo = Repository(repository)
     sessions: dict[str, dict] = {}
@@ -241,7 +241,7 @@ class ServerProcess:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         self.log = open(workdir / f"server-{mode}-w{workers}.log", "a")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "--config", str(path)], stdout=self.log, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "genserve.serving.cli", "--config", str(path)], stdout=self.log, stderr=subprocess.STDOUT, env=env
         )
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -309,7 +309,7 @@ def batch_summary(before: dict[str, float], after: dict[str, float]) -> tuple[fl
 
 # --- load generation ---------------------------------------------------------------------------
 def stub_call(channel: grpc.aio.Channel, rpc: str):
-    from serving.protos import genserve_pb2_grpc
+    from genserve.serving.protos import genserve_pb2_grpc
 
     stub = genserve_pb2_grpc.GenserveStub(channel)
     return getattr(stub, rpc)
@@ -323,7 +323,7 @@ async def sender(address: str, w: Workload, deadline_s: float, channels: int = 1
         async with _oip_sender(address, w, deadline_s) as send:
             yield send
         return
-    from clients.client import open_channels
+    from genserve.clients.client import open_channels
 
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     opened = open_channels(address, channels, options=options, aio=True)

@@ -60,8 +60,8 @@ class _NoWriter:
 def bench_kind(kind: str, dataset, args: argparse.Namespace, workdir: Path) -> dict:
     import torch
 
-    from training.config import TrainConfig
-    from training.trainer import Trainer
+    from genserve.training.config import TrainConfig
+    from genserve.training.trainer import Trainer
 
     config = TrainConfig(model=kind, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, limit=args.limit,
                          batch_size=args.batch_size, out=str(workdir / kind), device="cpu")
@@ -105,7 +105,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.models import model_kinds
+    from genserve.training.models import model_kinds
 
     kinds = model_kinds(presets=False)
     p = argparse.ArgumentParser(prog="python -m benchmarks.training_bench", description=__doc__.splitlines()[0])
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from training.data.registry import load_dataset
+    from genserve.training.data.registry import load_dataset
 
     print(f"# genserve training benchmark: {args.dataset}, first {args.limit} images, {args.epochs} epoch(s), "
           f"batch {args.batch_size}, CPU, torch {torch.__version__} ({torch.get_num_threads()} threads), "

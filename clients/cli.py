@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from clients.client import DEFAULT_ADDRESS, GenserveClient, GenserveError
+from genserve.clients.client import DEFAULT_ADDRESS, GenserveClient, GenserveError
 
 
 def _add_inputs(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -123,7 +123,7 @@ def load_inputs(args: argparse.Namespace, channels: int) -> tuple[np.ndarray, np
         if len(shapes) > 1:
             raise ValueError(f"the images differ in size: {sorted(shapes)}")
         return np.stack(arrays), None, None
-    from training.data.registry import load_dataset
+    from genserve.training.data.registry import load_dataset
 
     dataset = load_dataset(args.dataset, args.data_dir)
     images = dataset.test_images if args.split == "test" else dataset.train_images
@@ -143,7 +143,7 @@ def write_images(path: Path, images: np.ndarray, title: str, ncols: int = 8) -> 
     if path.suffix == ".npy":
         np.save(path, images.astype(np.float32))
         return
-    from training.plots import image_grid  # matplotlib, no torch
+    from genserve.training.plots import image_grid  # matplotlib, no torch
 
     image_grid(path, images, title, ncols=ncols)
 
@@ -153,14 +153,14 @@ def write_rows(path: Path, rows: list[tuple[str, np.ndarray]], title: str) -> No
     if path.suffix == ".npy":
         np.save(path, rows[-1][1].astype(np.float32))
         return
-    from training.plots import image_rows  # matplotlib, no torch
+    from genserve.training.plots import image_rows  # matplotlib, no torch
 
     image_rows(path, rows, title)
 
 
 def scatter(path: Path, latents: np.ndarray, labels: np.ndarray | None, class_names: list[str] | None, title: str) -> None:
     """The first two principal components of the latents (the latents themselves when 2-D)."""
-    from training.plots import latent_scatter  # matplotlib, no torch
+    from genserve.training.plots import latent_scatter  # matplotlib, no torch
 
     if latents.shape[1] == 2:
         points, axes = latents, ("z[0]", "z[1]")

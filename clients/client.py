@@ -1,6 +1,6 @@
 """GenserveClient: a typed Python client for genserve.v1 that speaks numpy.
 
-    from clients.client import GenserveClient
+    from genserve.clients.client import GenserveClient
     with GenserveClient("127.0.0.1:8001") as client:
         samples = client.generate("mnist-vae", 16, seed=1)        # samples.images: (16, 1, 28, 28) float32
         codes = client.encode("mnist-vae", samples.images).latents
@@ -32,10 +32,10 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from clients import codec
-from clients.codec import IMAGE_ENCODINGS, CodecError
-from serving.protos import genserve_pb2 as pb  # the generated code only: no server module
-from serving.protos import genserve_pb2_grpc
+from genserve.clients import codec
+from genserve.clients.codec import IMAGE_ENCODINGS, CodecError
+from genserve.serving.protos import genserve_pb2 as pb  # the generated code only: no server module
+from genserve.serving.protos import genserve_pb2_grpc
 
 Response = TypeVar("Response")
 DEFAULT_ADDRESS = "127.0.0.1:8001"

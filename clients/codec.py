@@ -13,9 +13,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from serving import wire
-from serving.protos import genserve_pb2 as pb
-from serving.wire import array_to_tensor
+from genserve.serving import wire
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.wire import array_to_tensor
 
 IMAGE_ENCODINGS = ("raw", "png")
 __all__ = ["IMAGE_ENCODINGS", "CodecError", "array_to_tensor", "images_from_proto", "images_to_proto", "tensor_to_array"]

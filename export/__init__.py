@@ -2,7 +2,7 @@
 
 The repository API (what a server needs) imports neither torch nor onnx:
 
-    from export import Repository, VerificationError
+    from genserve.export import Repository, VerificationError
     repo = Repository("/models")
     version = repo.latest("mnist-vae")
     manifest = repo.verify("mnist-vae", version)
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from export.manifest import (
+from genserve.export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     FileEntry,
@@ -28,11 +28,11 @@ from export.manifest import (
     VerificationError,
     graph_metadata,
 )
-from export.naming import InvalidNameError, default_model_name, sanitize_name, validate_model_name
-from export.repository import Repository, VersionNotFoundError, VersionStatus, keep_versions
+from genserve.export.naming import InvalidNameError, default_model_name, sanitize_name, validate_model_name
+from genserve.export.repository import Repository, VersionNotFoundError, VersionStatus, keep_versions
 
 if TYPE_CHECKING:
-    from export.pipeline import ExportResult, export_run
+    from genserve.export.pipeline import ExportResult, export_run
 
 __all__ = [
     "FORMAT_VERSION",
@@ -61,7 +61,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("export_run", "ExportResult"):
-        from export import pipeline
+        from genserve.export import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'export' has no attribute {name!r}")

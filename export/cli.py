@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from export.manifest import MANIFEST_NAME, VARIANTS, RepositoryError
+from genserve.export.manifest import MANIFEST_NAME, VARIANTS, RepositoryError
 
 if TYPE_CHECKING:
-    from export.pipeline import ExportResult
+    from genserve.export.pipeline import ExportResult
 
 
 # Both extras install the module `onnxruntime`; a bare `pip install genserve` installs neither.
@@ -47,9 +47,9 @@ def _non_negative(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     # export.pipeline imports onnxruntime: only after main() has checked that it is installed.
-    from export.gate import DEFAULT_TOLERANCE, parse_tolerance
-    from export.pipeline import CHECKPOINT_CHOICES, DEFAULT_MAX_BATCH
-    from export.quality import DEFAULT_NLL_K, DEFAULT_SAMPLES
+    from genserve.export.gate import DEFAULT_TOLERANCE, parse_tolerance
+    from genserve.export.pipeline import CHECKPOINT_CHOICES, DEFAULT_MAX_BATCH
+    from genserve.export.quality import DEFAULT_NLL_K, DEFAULT_SAMPLES
 
     parser = argparse.ArgumentParser(
         prog="genserve-export",
@@ -140,12 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"genserve-export: error: {missing}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
-    from export.gate import GateConfig, QualityGateError
-    from export.onnx_export import ExportError
-    from export.parity import ParityError
-    from export.pipeline import export_run
-    from export.quality import QualityConfig, QualityError
-    from training.checkpoint import CheckpointError
+    from genserve.export.gate import GateConfig, QualityGateError
+    from genserve.export.onnx_export import ExportError
+    from genserve.export.parity import ParityError
+    from genserve.export.pipeline import export_run
+    from genserve.export.quality import QualityConfig, QualityError
+    from genserve.training.checkpoint import CheckpointError
 
     if args.force and not args.gate:
         print("genserve-export: error: --force only makes sense with --gate (it publishes past the gate)", file=sys.stderr)
@@ -175,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # whole, so an interrupt leaves either no new version or a complete one.
         print(f"genserve-export: interrupted; {args.repository} holds no partial version (versions appear "
               "only when complete); run the same command again to export", file=sys.stderr)
-        from training.cli import INTERRUPTED  # here: the server imports this module, and no more of training
+        from genserve.training.cli import (
+            INTERRUPTED,  # here: the server imports this module, and no more of training
+        )
 
         return INTERRUPTED
     for warning in result.warnings:

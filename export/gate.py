@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from export.labels import QualityLabel, labels_of
-from export.manifest import Manifest
+from genserve.export.labels import QualityLabel, labels_of
+from genserve.export.manifest import Manifest
 
 DEFAULT_TOLERANCE = 0.05
 # FIDs from a few hundred samples move more between good checkpoints than likelihoods do.

@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from export.files import dump_json
-from export.labels import LabelError, check_quality
-from export.naming import InvalidNameError, validate_model_name
+from genserve.export.files import dump_json
+from genserve.export.labels import LabelError, check_quality
+from genserve.export.naming import InvalidNameError, validate_model_name
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -14,7 +14,7 @@ import onnx
 import torch
 from torch import nn
 
-from export.manifest import BATCH_DIM, PART_NAMES, TensorSpec
+from genserve.export.manifest import BATCH_DIM, PART_NAMES, TensorSpec
 
 OPSET = 18
 EXAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1, so trace with 2 to keep the batch axis dynamic

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.onnx_export import IMAGE_RANGE, ExportError, PartSignature, as_tuple, example_input
+from genserve.export.onnx_export import IMAGE_RANGE, ExportError, PartSignature, as_tuple, example_input
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

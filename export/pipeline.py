@@ -14,12 +14,19 @@ from typing import Any
 import onnx
 import torch
 
-from export.files import json_safe
-from export.gate import GateConfig, check_gate
-from export.manifest import Manifest, PartSpec, RepositoryError, VariantSpec, graph_metadata
-from export.naming import default_model_name, validate_model_name
-from export.onnx_export import OPSET, ExportError, PartSignature, describe_part, export_part, with_metadata
-from export.parity import (
+from genserve.export.files import json_safe
+from genserve.export.gate import GateConfig, check_gate
+from genserve.export.manifest import Manifest, PartSpec, RepositoryError, VariantSpec, graph_metadata
+from genserve.export.naming import default_model_name, validate_model_name
+from genserve.export.onnx_export import (
+    OPSET,
+    ExportError,
+    PartSignature,
+    describe_part,
+    export_part,
+    with_metadata,
+)
+from genserve.export.parity import (
     CPU,
     CUDA,
     FP16_TOLERANCE,
@@ -33,10 +40,10 @@ from export.parity import (
     providers_to_check,
     reference_outputs,
 )
-from export.provenance import exporter_info
-from export.quality import QualityConfig, QualityMeter, unmeasured_reason
-from export.repository import Repository, check_keep
-from training.files import write_bytes_durable
+from genserve.export.provenance import exporter_info
+from genserve.export.quality import QualityConfig, QualityMeter, unmeasured_reason
+from genserve.export.repository import Repository, check_keep
+from genserve.training.files import write_bytes_durable
 
 DEFAULT_MAX_BATCH = 64
 CHECKPOINT_CHOICES = ("auto", "last", "best")  # as training.checkpoint.find_checkpoint (not imported: torch)
@@ -120,8 +127,8 @@ def export_part_checked(
 def quality_meter(model: Any, config: Any, quality: QualityConfig, parts: list[str]) -> tuple[QualityMeter | None, str | None]:
     """What measures the labels (the run's test set loaded, from the run's data folder or else
     $GENSERVE_DATA), or None and why not."""
-    from training.data.errors import DatasetError
-    from training.data.registry import load_dataset
+    from genserve.training.data.errors import DatasetError
+    from genserve.training.data.registry import load_dataset
 
     dataset, error = None, None
     for data_dir in dict.fromkeys([config.data_dir, None]):
@@ -236,7 +243,7 @@ def export_run(
     Raises CheckpointError, ExportError, ParityError, RepositoryError, QualityError, QualityGateError
     or ValueError with the reason.
     """
-    from training.checkpoint import load_trained_model  # heavy; keeps `import export` light
+    from genserve.training.checkpoint import load_trained_model  # heavy; keeps `import export` light
 
     started = time.perf_counter()
     say = progress or (lambda _message: None)

@@ -29,13 +29,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.labels import GraphRef, QualityLabel
-from export.sample_stats import DIVERSITY_ROWS, diversity, nonfinite_count, saturated_count
-from training.config import TrainConfig
-from training.data.loader import fixed_test_loader
-from training.data.types import ImageDataset
-from training.evaluation.reconstruction import per_image_mse, psnr_db
-from training.models import GenerativeModel
+from genserve.export.labels import GraphRef, QualityLabel
+from genserve.export.sample_stats import DIVERSITY_ROWS, diversity, nonfinite_count, saturated_count
+from genserve.training.config import TrainConfig
+from genserve.training.data.loader import fixed_test_loader
+from genserve.training.data.types import ImageDataset
+from genserve.training.evaluation.reconstruction import per_image_mse, psnr_db
+from genserve.training.models import GenerativeModel
 
 DEFAULT_SAMPLES = 500  # a few seconds on a CPU for every kind; FIDs from 500 samples are biased but comparable
 DEFAULT_NLL_K = 10
@@ -102,7 +102,9 @@ class QualityMeter:
     def __init__(self, model: GenerativeModel, train_config: TrainConfig, dataset: ImageDataset, config: QualityConfig):
         self.model, self.train_config, self.dataset, self.config = model, train_config, dataset, config
         self.reference = {"dataset": dataset.name, "split": "test"}
-        from training.trainer import resolve_binarize  # as the run trained and measured its test losses
+        from genserve.training.trainer import (
+            resolve_binarize,  # as the run trained and measured its test losses
+        )
 
         self.binarize = resolve_binarize(train_config)
 
@@ -160,8 +162,12 @@ class QualityMeter:
 
     # --- samples: fid_domain and class_coverage -----------------------------------------------
     def _sample_labels(self, samples: np.ndarray, graph: GraphRef) -> list[QualityLabel]:
-        from training.evaluation.classifier import VERSION, domain_classifier
-        from training.evaluation.sample_quality import classifier_dataset, domain_metrics, real_subset
+        from genserve.training.evaluation.classifier import VERSION, domain_classifier
+        from genserve.training.evaluation.sample_quality import (
+            classifier_dataset,
+            domain_metrics,
+            real_subset,
+        )
 
         dataset = self.dataset
         if dataset.num_classes < 2 or dataset.train_labels is None or dataset.test_labels is None:
@@ -187,7 +193,7 @@ class QualityMeter:
 
     # --- likelihood: test ELBO and importance-sampled NLL ---------------------------------------
     def _likelihood_labels(self, encoder: _Session, decoder: _Session) -> list[QualityLabel]:
-        from training.models.likelihood import gaussian_kl, standard_normal_log_prob
+        from genserve.training.models.likelihood import gaussian_kl, standard_normal_log_prob
 
         model = self.model
         generator = torch.Generator().manual_seed(self.config.seed)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from export.files import dump_json, sha256_file
-from export.manifest import (
+from genserve.export.files import dump_json, sha256_file
+from genserve.export.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     FileEntry,
@@ -37,9 +37,9 @@ from export.manifest import (
     RepositoryError,
     VerificationError,
 )
-from export.naming import validate_model_name
-from export.reading import read_regular, sha256_regular, unsafe_directory_reason
-from training.files import fsync_dir, fsync_file, write_atomic, write_bytes_durable  # no torch
+from genserve.export.naming import validate_model_name
+from genserve.export.reading import read_regular, sha256_regular, unsafe_directory_reason
+from genserve.training.files import fsync_dir, fsync_file, write_atomic, write_bytes_durable  # no torch
 
 STAGING_PREFIX = ".staging-"
 REMOVING_PREFIX = ".removing-"

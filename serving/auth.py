@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from serving.calls import end_call
-from serving.metrics import ServerMetrics
+from genserve.serving.calls import end_call
+from genserve.serving.metrics import ServerMetrics
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 

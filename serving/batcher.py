@@ -34,8 +34,14 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable
-from serving.logs import log_event
+from genserve.serving.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from genserve.serving.logs import log_event
 
 log = logging.getLogger("genserve.batcher")
 RunBatch = Callable[[np.ndarray], list[np.ndarray]]

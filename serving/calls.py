@@ -19,10 +19,10 @@ from typing import Any
 
 import grpc
 
-from serving.batcher import Timing
-from serving.errors import ServingError, Unavailable
-from serving.logs import log_event
-from serving.metrics import ServerMetrics
+from genserve.serving.batcher import Timing
+from genserve.serving.errors import ServingError, Unavailable
+from genserve.serving.logs import log_event
+from genserve.serving.metrics import ServerMetrics
 
 log = logging.getLogger("genserve.rpc")
 REQUEST_ID_KEY = "x-request-id"

@@ -16,10 +16,10 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from export.cli import missing_onnxruntime
-from serving.config import ConfigError, ServerConfig, load_config
-from serving.logs import configure_logging, log_event
-from serving.worker_group import WorkerContext
+from genserve.export.cli import missing_onnxruntime
+from genserve.serving.config import ConfigError, ServerConfig, load_config
+from genserve.serving.logs import configure_logging, log_event
+from genserve.serving.worker_group import WorkerContext
 
 STARTUP_FAILED = 1
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, metrics_port=None)
     configure_logging(config.log_json, config.log_level)
     if config.workers > 1:
-        from serving.workers import supervise
+        from genserve.serving.workers import supervise
 
         return supervise(config)
     return run_server(config)
@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_server(config: ServerConfig, worker: WorkerContext | None = None) -> int:
     """Serve in this process (as one of the workers when `worker` is given) until SIGTERM/SIGINT;
     returns the exit status."""
-    from serving.runtime import GpuRequiredError  # imports onnxruntime: only once it is known to be there
-    from serving.server import StartupError, serve  # imports the generated code
+    from genserve.serving.runtime import (
+        GpuRequiredError,  # imports onnxruntime: only once it is known to be there
+    )
+    from genserve.serving.server import StartupError, serve  # imports the generated code
 
     try:
         return run_event_loop(serve(config, worker), config.event_loop)

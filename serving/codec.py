@@ -15,10 +15,10 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from serving import wire
-from serving.errors import InvalidArgument
-from serving.protos import genserve_pb2 as pb
-from serving.wire import WireFormatError, array_to_tensor, encode_png, to_uint8
+from genserve.serving import wire
+from genserve.serving.errors import InvalidArgument
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.wire import WireFormatError, array_to_tensor, encode_png, to_uint8
 
 PNG_MODES = {1: "L", 3: "RGB"}
 IMAGE_FORMATS = frozenset(pb.ImageFormat.values())

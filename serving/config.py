@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.batcher import POLICIES as BATCHING_POLICIES
-from training.files import ConfigFileError, read_config_mapping  # standard library and PyYAML only
+from genserve.serving.batcher import POLICIES as BATCHING_POLICIES
+from genserve.training.files import ConfigFileError, read_config_mapping  # standard library and PyYAML only
 
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")

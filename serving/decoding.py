@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from serving.calls import end_call
+from genserve.serving.calls import end_call
 
 
 class RequestBudget:

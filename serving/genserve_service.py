@@ -14,16 +14,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from export.labels import labels_of
-from export.manifest import Manifest
-from serving import codec, latents
-from serving.calls import Call, Calls, rpc
-from serving.config import Limits
-from serving.errors import FailedPrecondition, InvalidArgument
-from serving.models import ModelManager
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc
-from serving.versions import LoadedGraph, LoadedVersion
+from genserve.export.labels import labels_of
+from genserve.export.manifest import Manifest
+from genserve.serving import codec, latents
+from genserve.serving.calls import Call, Calls, rpc
+from genserve.serving.config import Limits
+from genserve.serving.errors import FailedPrecondition, InvalidArgument
+from genserve.serving.models import ModelManager
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc
+from genserve.serving.versions import LoadedGraph, LoadedVersion
 
 Response = TypeVar("Response", pb.GenerateResponse, pb.ReconstructResponse, pb.DenoiseResponse, pb.InterpolateResponse)
 

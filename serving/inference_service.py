@@ -16,19 +16,19 @@ from importlib.metadata import PackageNotFoundError, version
 import grpc
 import numpy as np
 
-from export.labels import labels_of
-from export.manifest import Manifest
-from serving.calls import Call, Calls, ServerState, end_call, rpc
-from serving.codec import largest_magnitude
-from serving.config import Limits
-from serving.errors import InvalidArgument, NotFound, ServingError
-from serving.models import ModelManager, check_name
-from serving.oip_names import parse_version, split_oip_name, use_graph
-from serving.protos import grpc_service_pb2 as pb
-from serving.protos import grpc_service_pb2_grpc
-from serving.protos import model_config_pb2 as mc
-from serving.statistics import Duration
-from serving.versions import LoadedGraph
+from genserve.export.labels import labels_of
+from genserve.export.manifest import Manifest
+from genserve.serving.calls import Call, Calls, ServerState, end_call, rpc
+from genserve.serving.codec import largest_magnitude
+from genserve.serving.config import Limits
+from genserve.serving.errors import InvalidArgument, NotFound, ServingError
+from genserve.serving.models import ModelManager, check_name
+from genserve.serving.oip_names import parse_version, split_oip_name, use_graph
+from genserve.serving.protos import grpc_service_pb2 as pb
+from genserve.serving.protos import grpc_service_pb2_grpc
+from genserve.serving.protos import model_config_pb2 as mc
+from genserve.serving.statistics import Duration
+from genserve.serving.versions import LoadedGraph
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.errors import FailedPrecondition
+from genserve.serving.errors import FailedPrecondition
 
 PRIOR_DISTRIBUTIONS = ("normal", "uniform", "gaussian_mixture")
 

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from export import Manifest, PartSpec, Repository
-from export.manifest import RepositoryError
-from serving.batcher import DynamicBatcher
-from serving.config import ModelSettings
-from serving.logs import log_event
-from serving.metrics import ServerMetrics
-from serving.runtime import GpuRequiredError, GraphSession, load_session
-from serving.sample_health import sample_health
-from serving.statistics import GraphStats
-from serving.versions import LoadedGraph, LoadedVersion
+from genserve.export import Manifest, PartSpec, Repository
+from genserve.export.manifest import RepositoryError
+from genserve.serving.batcher import DynamicBatcher
+from genserve.serving.config import ModelSettings
+from genserve.serving.logs import log_event
+from genserve.serving.metrics import ServerMetrics
+from genserve.serving.runtime import GpuRequiredError, GraphSession, load_session
+from genserve.serving.sample_health import sample_health
+from genserve.serving.statistics import GraphStats
+from genserve.serving.versions import LoadedGraph, LoadedVersion
 
 log = logging.getLogger("genserve.models")  # the manager's logger: its events read as one story
 

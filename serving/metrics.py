@@ -53,8 +53,8 @@ from prometheus_client import (
     multiprocess,
 )
 
-from export.labels import labels_of
-from export.manifest import Manifest
+from genserve.export.labels import labels_of
+from genserve.export.manifest import Manifest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -24,15 +24,15 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-from export import InvalidNameError, Manifest, Repository, sanitize_name, validate_model_name
-from export.manifest import RepositoryError
-from serving.config import ModelSettings, ServerConfig
-from serving.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
-from serving.loader import LoadError, PreparedSessions, prepare_version, start_version
-from serving.logs import log_event
-from serving.metrics import ServerMetrics
-from serving.versions import IndexEntry, Lease, LoadedVersion, ModelStates, State, VersionState
-from serving.worker_group import WorkerGroup
+from genserve.export import InvalidNameError, Manifest, Repository, sanitize_name, validate_model_name
+from genserve.export.manifest import RepositoryError
+from genserve.serving.config import ModelSettings, ServerConfig
+from genserve.serving.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
+from genserve.serving.loader import LoadError, PreparedSessions, prepare_version, start_version
+from genserve.serving.logs import log_event
+from genserve.serving.metrics import ServerMetrics
+from genserve.serving.versions import IndexEntry, Lease, LoadedVersion, ModelStates, State, VersionState
+from genserve.serving.worker_group import WorkerGroup
 
 log = logging.getLogger("genserve.models")
 

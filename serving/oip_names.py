@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import re
 
-from export.manifest import PART_NAMES
-from serving.errors import InvalidArgument, NotFound
-from serving.models import ModelManager, check_name
-from serving.versions import Lease
+from genserve.export.manifest import PART_NAMES
+from genserve.serving.errors import InvalidArgument, NotFound
+from genserve.serving.models import ModelManager, check_name
+from genserve.serving.versions import Lease
 
 _VERSION_TEXT = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²" and "١" are str.isdigit()), within int64
 

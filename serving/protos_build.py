@@ -1,7 +1,7 @@
 """protos/*.proto -> serving/generated/ (Python messages and gRPC stubs, made by grpcio-tools).
 
-    python -m serving.protos_build          # regenerate when the .proto files changed
-    python -m serving.protos_build --force  # regenerate anyway
+    python -m genserve.serving.protos_build          # regenerate when the .proto files changed
+    python -m genserve.serving.protos_build --force  # regenerate anyway
 
 The generated code is not committed. It is made at install time (setup.py's build_py hook), and
 `ensure_generated()` (called by serving.protos on import) rebuilds it whenever it is missing or
@@ -34,7 +34,7 @@ GENERATED_MODULES = (
     "inference/grpc_service_pb2_grpc.py",
     "inference/model_config_pb2.py",
 )
-GENERATED_PACKAGE = "serving.generated"
+GENERATED_PACKAGE = "genserve.serving.generated"
 # (proto root relative to PROTOS, files relative to that root, output dir relative to GENERATED,
 # whether the modules get a private descriptor pool). Triton's files are compiled from their own
 # directory so their descriptors are named as in Triton ("grpc_service.proto"), and registered in a
@@ -152,7 +152,7 @@ def _compile(out: Path, protos: Path) -> None:
     for directory in [out, *(p for p in out.rglob("*") if p.is_dir())]:
         (directory / "__init__.py").touch()
     (out / "README").write_text(
-        "Generated from protos/ by `python -m serving.protos_build`; not committed. Do not edit.\n"
+        "Generated from protos/ by `python -m genserve.serving.protos_build`; not committed. Do not edit.\n"
     )
 
 
@@ -198,7 +198,7 @@ def ensure_generated() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.protos_build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m genserve.serving.protos_build", description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="regenerate even if the code is current")
     args = parser.parse_args(argv)
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.logs import log_event
+from genserve.serving.logs import log_event
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -22,10 +22,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from export.labels import health_references
-from export.manifest import Manifest
-from export.sample_stats import DIVERSITY_ROWS, diversity, nonfinite_count, saturated_count
-from serving.metrics import ServerMetrics
+from genserve.export.labels import health_references
+from genserve.export.manifest import Manifest
+from genserve.export.sample_stats import DIVERSITY_ROWS, diversity, nonfinite_count, saturated_count
+from genserve.serving.metrics import ServerMetrics
 
 Run = Callable[[np.ndarray], list[np.ndarray]]
 

@@ -23,19 +23,19 @@ from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from export import Repository
-from serving.auth import BearerTokenInterceptor
-from serving.calls import Calls, ServerState
-from serving.config import ServerConfig
-from serving.decoding import RequestBudget, RequestDecodingInterceptor
-from serving.genserve_service import GenserveService
-from serving.inference_service import InferenceService
-from serving.logs import log_event
-from serving.metrics import ServerMetrics
-from serving.models import ModelManager, holder_name
-from serving.protos import genserve_pb2, genserve_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from serving.runtime import GPU_PROVIDERS, GpuRequiredError, available_providers
-from serving.worker_group import WorkerContext, WorkerGroup
+from genserve.export import Repository
+from genserve.serving.auth import BearerTokenInterceptor
+from genserve.serving.calls import Calls, ServerState
+from genserve.serving.config import ServerConfig
+from genserve.serving.decoding import RequestBudget, RequestDecodingInterceptor
+from genserve.serving.genserve_service import GenserveService
+from genserve.serving.inference_service import InferenceService
+from genserve.serving.logs import log_event
+from genserve.serving.metrics import ServerMetrics
+from genserve.serving.models import ModelManager, holder_name
+from genserve.serving.protos import genserve_pb2, genserve_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from genserve.serving.runtime import GPU_PROVIDERS, GpuRequiredError, available_providers
+from genserve.serving.worker_group import WorkerContext, WorkerGroup
 
 log = logging.getLogger("genserve.server")
 GENSERVE_SERVICE = genserve_pb2.DESCRIPTOR.services_by_name["Genserve"].full_name

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from serving.metrics import ServerMetrics
+from genserve.serving.metrics import ServerMetrics
 
 
 @dataclass

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from export import Manifest, PartSpec
-from serving.batcher import DynamicBatcher, Timing
-from serving.codec import all_finite
-from serving.config import ModelSettings
-from serving.errors import InvalidArgument, ServingError
-from serving.runtime import GraphSession
-from serving.statistics import GraphStats
+from genserve.export import Manifest, PartSpec
+from genserve.serving.batcher import DynamicBatcher, Timing
+from genserve.serving.codec import all_finite
+from genserve.serving.config import ModelSettings
+from genserve.serving.errors import InvalidArgument, ServingError
+from genserve.serving.runtime import GraphSession
+from genserve.serving.statistics import GraphStats
 
 
 class State(enum.Enum):

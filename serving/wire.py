@@ -14,7 +14,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2 as pb
 
 DTYPES = {pb.DATA_TYPE_FLOAT32: np.dtype("<f4"), pb.DATA_TYPE_UINT8: np.dtype("u1")}
 DTYPE_NAMES = {pb.DATA_TYPE_FLOAT32: "float32", pb.DATA_TYPE_UINT8: "uint8"}

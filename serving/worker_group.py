@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from serving.logs import log_event
-from training.files import write_atomic
+from genserve.serving.logs import log_event
+from genserve.training.files import write_atomic
 
 FOLLOW_INTERVAL_S = 0.1  # how often a worker publishes its own record and reads the others'
 log = logging.getLogger("genserve.workers")

@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serving.config import ServerConfig
-from serving.logs import configure_logging, log_event
-from serving.worker_group import WorkerContext, read_records, record_path
+from genserve.serving.config import ServerConfig
+from genserve.serving.logs import configure_logging, log_event
+from genserve.serving.worker_group import WorkerContext, read_records, record_path
 
 if TYPE_CHECKING:  # imported at run time only once PROMETHEUS_MULTIPROC_DIR is set (see supervise)
-    from serving.metrics import SupervisorMetrics
+    from genserve.serving.metrics import SupervisorMetrics
 
 log = logging.getLogger("genserve.workers")
 STARTUP_FAILED = 1
@@ -156,7 +156,7 @@ class Supervisor:
 
 def worker_main(config: ServerConfig, context: WorkerContext) -> None:
     """A worker process: one whole server on the shared port (run by multiprocessing spawn)."""
-    from serving.cli import run_server
+    from genserve.serving.cli import run_server
 
     configure_logging(config.log_json, config.log_level, {"worker": context.slot, "pid": os.getpid()})
     raise SystemExit(run_server(config, context))
@@ -207,8 +207,8 @@ def supervise(config: ServerConfig) -> int:
 
 
 def _supervise(config: ServerConfig, state_dir: Path, metrics_dir: str) -> int:
-    from serving.metrics import SupervisorMetrics
-    from serving.server import METRICS_PORT_SETTING, PORT_SETTING, StartupError, check_ports
+    from genserve.serving.metrics import SupervisorMetrics
+    from genserve.serving.server import METRICS_PORT_SETTING, PORT_SETTING, StartupError, check_ports
 
     stop_signal: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from training.data.registry import load_dataset
-from training.data.types import ImageDataset
+from genserve.training.data.registry import load_dataset
+from genserve.training.data.types import ImageDataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -44,19 +44,19 @@ def main(argv: list[str]) -> int:
 
     from safetensors.torch import save_file
 
-    import training.trainer
+    import genserve.training.trainer as trainer_module
 
     trainers = []
-    original_run = training.trainer.Trainer.run
+    original_run = trainer_module.Trainer.run
 
     def run(self):
         trainers.append(self)
         return original_run(self)
 
-    training.trainer.Trainer.run = run
+    trainer_module.Trainer.run = run
     if rank != 0:
         sys.addaudithook(hook)
-    from training.cli import main as train_main
+    from genserve.training.cli import main as train_main
 
     code = train_main(argv)
     audit_dir.mkdir(parents=True, exist_ok=True)

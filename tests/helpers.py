@@ -35,9 +35,9 @@ import onnx
 from onnx import numpy_helper
 from onnx_speed import fast_onnx_exports
 
-from export import Manifest, Repository
-from serving.config import ModelSettings, ServerConfig
-from serving.server import GenserveServer
+from genserve.export import Manifest, Repository
+from genserve.serving.config import ModelSettings, ServerConfig
+from genserve.serving.server import GenserveServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_FORMAT = "1"  # bump to rebuild cached repositories after changing how they are made
@@ -46,7 +46,7 @@ TRAIN_IMAGES = 64
 
 def registered_kinds() -> list[str]:
     """The default recipe of every model kind (the presets share their servable parts)."""
-    from training.models import model_kinds
+    from genserve.training.models import model_kinds
 
     return list(model_kinds(presets=False))
 
@@ -69,12 +69,12 @@ def _sources_key() -> str:
 
 def _build_repository(target: Path) -> None:
     """Train and export every kind into target/repo (runs in target/runs)."""
-    from export.pipeline import export_run
-    from training.config import TrainConfig
-    from training.data.registry import load_dataset
-    from training.data.types import ImageDataset
-    from training.models import model_class
-    from training.trainer import train
+    from genserve.export.pipeline import export_run
+    from genserve.training.config import TrainConfig
+    from genserve.training.data.registry import load_dataset
+    from genserve.training.data.types import ImageDataset
+    from genserve.training.models import model_class
+    from genserve.training.trainer import train
 
     full = load_dataset("mnist-5k")
     n = TRAIN_IMAGES
@@ -302,8 +302,8 @@ class LoggedProcess:
 
 
 def serving_process(*args: str) -> LoggedProcess:
-    """`python -m serving.cli --log-json ARGS`, as the console script runs it, in the test environment."""
-    return LoggedProcess([sys.executable, "-m", "serving.cli", "--log-json", *args], env=environment_for_subprocess())
+    """`python -m genserve.serving.cli --log-json ARGS`, as the console script runs it, in the test environment."""
+    return LoggedProcess([sys.executable, "-m", "genserve.serving.cli", "--log-json", *args], env=environment_for_subprocess())
 
 
 # --- raw HTTP/2 for the stalled-client tests (a client gRPC itself would never be) ------------------

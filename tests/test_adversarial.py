@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.checkpoint import epoch_checkpoints, load_trained_model
-from training.config import TrainConfig
-from training.data.types import ImageDataset
-from training.models import Batch, StepContext, build_model, model_class
-from training.models.aae import AdversarialAutoencoder
-from training.models.dcgan import DCGAN, ClassicDCGAN, layer_plan
-from training.models.gan import GAN, MLPGAN, BalancedMLPGAN
-from training.models.priors import GaussianPrior, MixturePrior, UniformPrior, build_prior
-from training.pictures import fixed_latents
-from training.trainer import NonFiniteLossError, Trainer
+from genserve.training.checkpoint import epoch_checkpoints, load_trained_model
+from genserve.training.config import TrainConfig
+from genserve.training.data.types import ImageDataset
+from genserve.training.models import Batch, StepContext, build_model, model_class
+from genserve.training.models.aae import AdversarialAutoencoder
+from genserve.training.models.dcgan import DCGAN, ClassicDCGAN, layer_plan
+from genserve.training.models.gan import GAN, MLPGAN, BalancedMLPGAN
+from genserve.training.models.priors import GaussianPrior, MixturePrior, UniformPrior, build_prior
+from genserve.training.pictures import fixed_latents
+from genserve.training.trainer import NonFiniteLossError, Trainer
 
 KINDS = ["gan", "gan-balanced", "dcgan", "dcgan-classic", "aae"]
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 64, 64)]

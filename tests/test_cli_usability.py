@@ -18,16 +18,16 @@ import pytest
 import torch
 from helpers import RunningServer, environment_for_subprocess, server_config, serving_process
 
-from training.cli import build_parser as train_parser
-from training.cli import main as train_main
-from training.config import TrainConfig
+from genserve.training.cli import build_parser as train_parser
+from genserve.training.cli import main as train_main
+from genserve.training.config import TrainConfig
 
 
 # --- 1. Ctrl-C ---------------------------------------------------------------------------------
 def test_sigint_during_training_exits_130_with_one_line_naming_the_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "ae", "--dataset", "mnist-5k", "--limit", "64", "--batch-size", "32",
+        [sys.executable, "-m", "genserve.training.cli", "ae", "--dataset", "mnist-5k", "--limit", "64", "--batch-size", "32",
          "--epochs", "1000", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment_for_subprocess(),
         # As from a terminal: a test run started in the background has SIGINT ignored, and children inherit that.
@@ -53,14 +53,14 @@ def test_sigint_during_training_exits_130_with_one_line_naming_the_checkpoint(tm
 
 
 def test_interrupted_export_and_eval_exit_130_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    import export.pipeline
-    import training.evaluation.cli as eval_cli
-    from export.cli import main as export_main
+    import genserve.export.pipeline as export_pipeline
+    import genserve.training.evaluation.cli as eval_cli
+    from genserve.export.cli import main as export_main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export.pipeline, "export_run", interrupted)
+    monkeypatch.setattr(export_pipeline, "export_run", interrupted)
     assert export_main([str(tmp_path / "run"), "--repository", str(tmp_path / "repo"), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "genserve-export: interrupted" in err and "no partial version" in err
@@ -80,7 +80,7 @@ def _taken_port() -> socket.socket:
 
 
 def _start_error(config) -> str:
-    from serving.server import GenserveServer, StartupError
+    from genserve.serving.server import GenserveServer, StartupError
 
     with pytest.raises(StartupError) as info:
         asyncio.run(GenserveServer(config).start())
@@ -141,7 +141,7 @@ def test_resume_on_a_missing_run_directory_is_an_error_naming_it(tmp_path: Path,
 
 # --- 5. client options before or after the command --------------------------------------------------
 def test_client_options_go_before_or_after_the_command() -> None:
-    from clients.cli import build_parser
+    from genserve.clients.cli import build_parser
 
     parser = build_parser()
     for argv in (["--address", "h:1", "--png", "generate", "m"], ["generate", "m", "--address", "h:1", "--png"],
@@ -153,7 +153,7 @@ def test_client_options_go_before_or_after_the_command() -> None:
 
 
 def test_connection_refused_names_the_address_and_how_to_start_a_server(capsys) -> None:
-    from clients.cli import main as client_main
+    from genserve.clients.cli import main as client_main
 
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
@@ -190,7 +190,7 @@ def test_training_options_and_defaults_come_from_the_config_dataclass() -> None:
 
 
 def test_serving_boolean_options_have_negations() -> None:
-    from serving.cli import build_parser
+    from genserve.serving.cli import build_parser
 
     args = build_parser().parse_args(["--no-require-gpu", "--log-json", "--wait-for-repository"])
     assert (args.require_gpu, args.log_json, args.wait_for_repository) == (False, True, True)
@@ -198,8 +198,8 @@ def test_serving_boolean_options_have_negations() -> None:
 
 # --- 7. the model list in --help ----------------------------------------------------------------------
 def test_help_lists_every_registered_model_kind_from_the_registry(monkeypatch) -> None:
-    import training.models
-    from training.models import model_classes
+    import genserve.training.models as training_models
+    from genserve.training.models import model_classes
 
     help_text = train_parser().format_help()
     for name, cls in model_classes().items():
@@ -209,7 +209,7 @@ def test_help_lists_every_registered_model_kind_from_the_registry(monkeypatch) -
         """A preset added to the registry: the help shows it with no other change."""
 
     registry = {**model_classes(), "vae-preset": Preset}
-    monkeypatch.setattr(training.models, "model_classes", lambda: registry)
+    monkeypatch.setattr(training_models, "model_classes", lambda: registry)
     lines = [line.split(None, 1) for line in train_parser().format_help().splitlines() if line.strip()]
     assert ["vae-preset", "A preset added to the registry: the help shows it with no other change"] in lines
     assert train_parser().parse_args(["vae-preset"]).model == "vae-preset"
@@ -217,10 +217,10 @@ def test_help_lists_every_registered_model_kind_from_the_registry(monkeypatch) -
 
 # --- 8. progress of the final evaluation -----------------------------------------------------------
 def test_final_nll_is_logged_in_steps_and_equals_the_one_shot_estimate(caplog) -> None:
-    from training.data.loader import fixed_test_loader
-    from training.evaluation import vae_likelihood_metrics
-    from training.models import build_model
-    from training.models.likelihood import estimate_nll
+    from genserve.training.data.loader import fixed_test_loader
+    from genserve.training.evaluation import vae_likelihood_metrics
+    from genserve.training.models import build_model
+    from genserve.training.models.likelihood import estimate_nll
 
     config = TrainConfig(model="dense-vae", nll_k=300, nll_images=40)
     torch.manual_seed(0)
@@ -244,7 +244,7 @@ def test_final_nll_is_logged_in_steps_and_equals_the_one_shot_estimate(caplog) -
 
 # --- 9. and 10. the pictures -------------------------------------------------------------------------
 def test_losses_picture_draws_kl_and_its_weight_apart_from_the_loss(tmp_path: Path) -> None:
-    from training.plots import loss_curves, loss_panels
+    from genserve.training.plots import loss_curves, loss_panels
 
     epochs = [{"epoch": e, "step": 10 * e, "train_loss": 170.0 - e, "test_loss": 171.0 - e, "train_recon": 150.0,
                "test_recon": 151.0, "train_kl": 20.0, "test_kl": 20.0, "train_kl_weight": e / 3} for e in (1, 2, 3)]
@@ -257,8 +257,8 @@ def test_losses_picture_draws_kl_and_its_weight_apart_from_the_loss(tmp_path: Pa
 
 
 def test_manifold_spans_the_prior_at_two_standard_deviations_with_round_ends(tmp_path: Path) -> None:
-    from training.pictures import MANIFOLD_STEPS, prior_span
-    from training.plots import manifold
+    from genserve.training.pictures import MANIFOLD_STEPS, prior_span
+    from genserve.training.plots import manifold
 
     span = prior_span(torch.randn(20000, generator=torch.Generator().manual_seed(0)))
     assert (span[0].item(), span[-1].item(), len(span)) == (-2.0, 2.0, MANIFOLD_STEPS)

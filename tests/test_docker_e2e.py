@@ -35,7 +35,7 @@ import yaml
 from test_compose import TINY_TRAINING
 from test_prometheus_scrape import value
 
-from clients.client import GenserveClient
+from genserve.clients.client import GenserveClient
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("GENSERVE_DOCKER_CACHE", ROOT / ".cache" / "docker"))

@@ -16,10 +16,10 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from training.data import download as dl
-from training.data.cli import main
-from training.data.errors import ChecksumError, DatasetError, DownloadError
-from training.data.registry import load_dataset
+from genserve.training.data import download as dl
+from genserve.training.data.cli import main
+from genserve.training.data.errors import ChecksumError, DatasetError, DownloadError
+from genserve.training.data.registry import load_dataset
 
 MNIST_FILES = [spec.path for spec in dl.SOURCES["mnist"]]
 FACES = "olivetti-faces/olivettifaces.mat"

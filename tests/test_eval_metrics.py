@@ -12,16 +12,16 @@ import pytest
 import scipy.linalg
 import torch
 
-from training.config import TrainConfig
-from training.data.types import ImageDataset
-from training.evaluation import classifier as classifier_module
-from training.evaluation.classifier import cache_path, domain_classifier
-from training.evaluation.cli import main as eval_main
-from training.evaluation.fid import feature_statistics, fid_from_features, frechet_distance
-from training.evaluation.parzen import parzen_log_likelihoods, parzen_metrics, select_sigma
-from training.evaluation.sample_quality import coverage, real_subset, sample_quality_metrics
-from training.models import build_model
-from training.trainer import Trainer
+from genserve.training.config import TrainConfig
+from genserve.training.data.types import ImageDataset
+from genserve.training.evaluation import classifier as classifier_module
+from genserve.training.evaluation.classifier import cache_path, domain_classifier
+from genserve.training.evaluation.cli import main as eval_main
+from genserve.training.evaluation.fid import feature_statistics, fid_from_features, frechet_distance
+from genserve.training.evaluation.parzen import parzen_log_likelihoods, parzen_metrics, select_sigma
+from genserve.training.evaluation.sample_quality import coverage, real_subset, sample_quality_metrics
+from genserve.training.models import build_model
+from genserve.training.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +155,7 @@ def test_sample_metrics_work_for_any_sampler(mnist_5k: ImageDataset) -> None:
 
 # --- Inception FID --------------------------------------------------------------------------------
 def test_inception_port_matches_the_packaged_network_and_gives_fid(mnist_5k: ImageDataset) -> None:
-    from training.evaluation.inception import load_inception, tf_bilinear_resize, weights_path
+    from genserve.training.evaluation.inception import load_inception, tf_bilinear_resize, weights_path
 
     # TensorFlow 1 bilinear resize (align_corners=False): output pixel i samples input i * in / out.
     ramp = torch.tensor([0.0, 1.0]).expand(1, 1, 2, 2)
@@ -182,7 +182,7 @@ def test_inception_archive_reader_runs_no_foreign_code(tmp_path) -> None:
     import pickle
     import zipfile
 
-    from training.evaluation.inception import read_archive_tensors
+    from genserve.training.evaluation.inception import read_archive_tensors
 
     class Evil:
         def __reduce__(self):
@@ -211,7 +211,7 @@ def test_parzen_matches_the_analytic_smoothed_density(monkeypatch) -> None:
     exact = torch.distributions.Normal(0.0, math.sqrt(1 + sigma**2)).log_prob(points[:, 0]).double()
     estimate = parzen_log_likelihoods(samples, points, [sigma])[0]
     assert (estimate - exact).abs().mean().item() < 0.02
-    monkeypatch.setattr("training.evaluation.parzen.CHUNK_ELEMENTS", 20000 * 7)  # chunks of 7 points
+    monkeypatch.setattr("genserve.training.evaluation.parzen.CHUNK_ELEMENTS", 20000 * 7)  # chunks of 7 points
     torch.testing.assert_close(parzen_log_likelihoods(samples, points, [sigma])[0], estimate)
 
 

@@ -23,11 +23,11 @@ import torch
 from onnx_speed import fast_onnx_exports
 from torch import nn
 
-from export import InvalidNameError, Repository, default_model_name
-from export.cli import main as cli_main
-from export.files import json_safe
-from export.onnx_export import ExportError, describe_part, export_part
-from export.parity import (
+from genserve.export import InvalidNameError, Repository, default_model_name
+from genserve.export.cli import main as cli_main
+from genserve.export.files import json_safe
+from genserve.export.onnx_export import ExportError, describe_part, export_part
+from genserve.export.parity import (
     CPU,
     CUDA,
     FP16_TOLERANCE,
@@ -36,11 +36,11 @@ from export.parity import (
     check_parity,
     reference_outputs,
 )
-from export.pipeline import ExportResult, export_part_checked, export_run
-from export.quality import QualityConfig
-from training.checkpoint import CheckpointError, load_trained_model, save_checkpoint
-from training.config import TrainConfig
-from training.models import GenerativeModel, build_model, model_kinds
+from genserve.export.pipeline import ExportResult, export_part_checked, export_run
+from genserve.export.quality import QualityConfig
+from genserve.training.checkpoint import CheckpointError, load_trained_model, save_checkpoint
+from genserve.training.config import TrainConfig
+from genserve.training.models import GenerativeModel, build_model, model_kinds
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 64, 64)]
 DATASETS = {(1, 28, 28): "mnist-5k", (3, 32, 32): "cifar10", (1, 64, 64): "textures-64"}
@@ -257,7 +257,7 @@ def test_reexport_creates_next_version_and_keep(exported) -> None:
 
 def test_export_of_a_trained_run(tmp_path: Path, mnist_5k) -> None:
     """The real trainer's run directory (one short epoch) exports as its best checkpoint."""
-    from training.trainer import train
+    from genserve.training.trainer import train
 
     config = TrainConfig(model="dae", dataset="mnist-5k", out=str(tmp_path / "run"), epochs=1, limit=128, device="cpu")
     run = train(config, dataset=mnist_5k)
@@ -377,7 +377,7 @@ def test_bad_arguments_fail_clearly(tmp_path: Path, capsys: pytest.CaptureFixtur
 # --- the command, killed at random moments ------------------------------------------------------------
 def _command() -> list[str]:
     script = Path(sys.executable).parent / "genserve-export"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "export.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "genserve.export.cli"]
 
 
 def _all_visible_versions_verify(repo: Repository) -> None:

@@ -1,4 +1,4 @@
-"""training.files: the one way genserve writes files durably and reads configuration files."""
+"""genserve.training.files: the one way genserve writes files durably and reads configuration files."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import environment_for_subprocess
 
-from serving.config import ConfigError, load_config
-from training.config import read_config_file
-from training.files import (
+from genserve.serving.config import ConfigError, load_config
+from genserve.training.config import read_config_file
+from genserve.training.files import (
     ConfigFileError,
     atomic_write,
     fsync_dir,
@@ -27,13 +27,13 @@ from training.files import (
 def test_the_server_imports_only_this_module_of_training() -> None:
     """The helpers live in training/ (the lowest layer) so export and serving can share them; the
     serving process must still load no torch."""
-    code = "import json, sys, serving.server, serving.cli; print(json.dumps(sorted(sys.modules)))"
+    code = "import json, sys, genserve.serving.server, genserve.serving.cli; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=environment_for_subprocess()
     )
     assert result.returncode == 0, result.stderr
     modules = set(json.loads(result.stdout))
-    assert sorted(m for m in modules if m.split(".")[0] == "training") == ["training", "training.files"]
+    assert sorted(m for m in modules if m.startswith("genserve.training")) == ["genserve.training", "genserve.training.files"]
     assert "torch" not in modules
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_suite, gpu_suite_carry
-from training.data.registry import load_dataset
+from genserve.training.data.registry import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

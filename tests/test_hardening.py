@@ -28,14 +28,14 @@ from helpers import RunningServer, hpack_literal, http2_frame, server_config, wa
 from onnx import TensorProto, helper
 from PIL import Image
 
-from export import Manifest, ManifestError, PartSpec, Repository, TensorSpec, VariantSpec
-from serving import codec
-from serving.config import Limits
-from serving.errors import InvalidArgument
-from serving.oip_names import parse_version
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
-from serving.protos import grpc_service_pb2 as ip
+from genserve.export import Manifest, ManifestError, PartSpec, Repository, TensorSpec, VariantSpec
+from genserve.serving import codec
+from genserve.serving.config import Limits
+from genserve.serving.errors import InvalidArgument
+from genserve.serving.oip_names import parse_version
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
+from genserve.serving.protos import grpc_service_pb2 as ip
 
 Code = grpc.StatusCode
 LATENT = 4
@@ -282,7 +282,7 @@ def test_stalled_and_empty_requests_are_ended_and_idle_connections_closed(repo: 
 
 
 def test_request_bytes_in_flight_have_a_budget() -> None:
-    from serving.decoding import RequestBudget
+    from genserve.serving.decoding import RequestBudget
 
     budget = RequestBudget(10)
     assert budget.reserve(6) and not budget.reserve(5) and budget.used_bytes == 6
@@ -422,7 +422,7 @@ def test_damaged_versions_are_refused_and_the_rest_is_served(repo: Repository, t
 def test_the_server_loads_the_bytes_it_hashed(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime
 
-    from serving import runtime
+    from genserve.serving import runtime
 
     publish(repo, OTHER)
     loaded_from: list[object] = []
@@ -559,7 +559,7 @@ def test_version_strings_are_ascii_digits() -> None:
 
 
 def test_repository_reads_refuse_fifos_devices_symlinks_and_oversized_files(tmp_path: Path) -> None:
-    from export.reading import RefusedFileError, read_regular, sha256_regular
+    from genserve.export.reading import RefusedFileError, read_regular, sha256_regular
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

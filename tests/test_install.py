@@ -78,8 +78,8 @@ def test_an_unknown_target_is_refused(restricted_path) -> None:
 
 
 @pytest.mark.parametrize(("module", "prog", "args"), [
-    ("export.cli", "genserve-export", ["runs/x", "--repository", "{tmp}/repository"]),
-    ("serving.cli", "genserve-serve", ["--repository", "{tmp}/repository", "--port", "0"]),
+    ("genserve.export.cli", "genserve-export", ["runs/x", "--repository", "{tmp}/repository"]),
+    ("genserve.serving.cli", "genserve-serve", ["--repository", "{tmp}/repository", "--port", "0"]),
 ])
 def test_without_onnxruntime_the_commands_say_which_extra_to_install(module: str, prog: str, args: list[str],
                                                                      tmp_path: Path) -> None:

@@ -30,8 +30,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from serving.cli import build_parser as serve_parser
-from serving.config import load_config
+from genserve.serving.cli import build_parser as serve_parser
+from genserve.serving.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
@@ -66,7 +66,7 @@ def resource(kind: str, name: str) -> dict[str, Any]:
 
 
 def is_kserve(doc: dict[str, Any]) -> bool:
-    return doc["apiVersion"].split("/")[0] == "serving.kserve.io"
+    return doc["apiVersion"].split("/")[0] == "genserve.serving.kserve.io"
 
 
 # --- schemas -------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_expected_resources_are_there() -> None:
     assert kinds == {
         ("v1", "ConfigMap"), ("v1", "PersistentVolumeClaim"), ("apps/v1", "Deployment"), ("v1", "Service"),
         ("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"), ("batch/v1", "Job"),
-        ("serving.kserve.io/v1alpha1", "ServingRuntime"), ("serving.kserve.io/v1beta1", "InferenceService"),
+        ("genserve.serving.kserve.io/v1alpha1", "ServingRuntime"), ("genserve.serving.kserve.io/v1beta1", "InferenceService"),
     }
 
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.config import TrainConfig
-from training.models import Batch, GenerativeModel, StepContext, build_model, model_class
-from training.models.autoencoder import (
+from genserve.training.config import TrainConfig
+from genserve.training.models import Batch, GenerativeModel, StepContext, build_model, model_class
+from genserve.training.models.autoencoder import (
     ConvAutoencoder,
     DenoisingAutoencoder,
     KerasConvAutoencoder,
     KerasDenoisingAutoencoder,
 )
-from training.models.likelihood import bernoulli_log_prob, estimate_nll, gaussian_log_prob
-from training.models.vae import VAE, ConvVAE, CsnlDenseVAE, DenseVAE, KerasConvVAE
+from genserve.training.models.likelihood import bernoulli_log_prob, estimate_nll, gaussian_log_prob
+from genserve.training.models.vae import VAE, ConvVAE, CsnlDenseVAE, DenseVAE, KerasConvVAE
 
 KINDS = ["dense-vae", "dense-vae-csnl", "vae", "vae-keras", "ae", "ae-keras", "dae", "dae-keras"]
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 64, 64)]

@@ -29,7 +29,7 @@ from helpers import (
     environment_for_subprocess,
 )
 
-from clients.client import GenserveClient, GenserveError
+from genserve.clients.client import GenserveClient, GenserveError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRAPE_INTERVAL_S = 1
@@ -56,7 +56,7 @@ def genserve(golden_repository: Path, tmp_path: Path) -> Iterator[tuple[LoggedPr
     """genserve-serve on 127.0.0.1 (any free ports) serving mnist-vae and mnist-dae."""
     repo = copy_repository(golden_repository, tmp_path / "repo", ["mnist-vae", "mnist-dae"])
     script = Path(sys.executable).parent / "genserve-serve"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "serving.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "genserve.serving.cli"]
     server = LoggedProcess(
         [*command, "--repository", str(repo.root), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
          "--poll-interval", "0", "--inference-threads", "1", "--grace-period", "2", "--log-json"],

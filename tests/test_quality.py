@@ -16,17 +16,17 @@ from helpers import rigged_graph
 from onnx_speed import fast_onnx_exports
 from test_export import make_run
 
-from export import Manifest, ManifestError, Repository
-from export.cli import main as cli_main
-from export.gate import GateConfig, QualityGateError, parse_tolerance
-from export.labels import labels_of
-from export.pipeline import export_run, quality_meter
-from export.quality import QualityConfig, QualityMeter
-from export.sample_stats import diversity, nonfinite_count, saturated_count
-from training.checkpoint import load_trained_model
-from training.config import TrainConfig
-from training.data.types import ImageDataset
-from training.evaluation.reconstruction import per_image_mse, psnr_db
+from genserve.export import Manifest, ManifestError, Repository
+from genserve.export.cli import main as cli_main
+from genserve.export.gate import GateConfig, QualityGateError, parse_tolerance
+from genserve.export.labels import labels_of
+from genserve.export.pipeline import export_run, quality_meter
+from genserve.export.quality import QualityConfig, QualityMeter
+from genserve.export.sample_stats import diversity, nonfinite_count, saturated_count
+from genserve.training.checkpoint import load_trained_model
+from genserve.training.config import TrainConfig
+from genserve.training.data.types import ImageDataset
+from genserve.training.evaluation.reconstruction import per_image_mse, psnr_db
 
 QUALITY = QualityConfig(samples=64, nll_k=2)
 SHAPE = (1, 28, 28)
@@ -123,7 +123,7 @@ def test_generator_labels_name_the_feature_extractor_and_round_trip(tmp_path: Pa
 def test_gate_refuses_a_worse_version_accepts_a_better_one_and_records_force(
     tmp_path: Path, mnist_5k, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from training.trainer import train
+    from genserve.training.trainer import train
 
     config = TrainConfig(model="dense-vae", dataset="mnist-5k", out=str(tmp_path / "trained"), epochs=1, limit=512,
                          batch_size=64, nll_k=2, nll_images=8, device="cpu")

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from training.checkpoint import find_checkpoint, load_trained_model, read_checkpoint
-from training.config import TrainConfig
-from training.data.types import ImageDataset
-from training.models import Batch, StepContext, build_model, model_class, model_classes, model_kinds
-from training.models.gan import MinibatchStdDev
-from training.trainer import Trainer, lr_factor, resolve_batch_size, resolve_binarize
+from genserve.training.checkpoint import find_checkpoint, load_trained_model, read_checkpoint
+from genserve.training.config import TrainConfig
+from genserve.training.data.types import ImageDataset
+from genserve.training.models import Batch, StepContext, build_model, model_class, model_classes, model_kinds
+from genserve.training.models.gan import MinibatchStdDev
+from genserve.training.trainer import Trainer, lr_factor, resolve_batch_size, resolve_binarize
 
 
 def linear_sizes(module: nn.Module) -> list[tuple[int, int]]:

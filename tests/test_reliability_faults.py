@@ -37,9 +37,9 @@ from helpers import (
     wait_until,
 )
 
-from export import Repository
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc
+from genserve.export import Repository
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc
 
 Code = grpc.StatusCode
 MODEL = "mnist-vae"

@@ -26,9 +26,9 @@ from helpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
-from serving.protos import grpc_service_pb2 as ip
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
+from genserve.serving.protos import grpc_service_pb2 as ip
 
 MODELS = ["mnist-vae", "mnist-dae", "mnist-dcgan", "mnist-ae"]
 DEADLINE_S = 10.0

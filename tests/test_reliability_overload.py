@@ -24,8 +24,8 @@ from helpers import (
     environment_for_subprocess,
 )
 
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc
 
 ROWS = 64  # samples per request: the graph, not the RPC layer, is what saturates
 QUEUE = 8  # max_queue_size: requests (of ROWS rows each) waiting at most
@@ -58,7 +58,7 @@ def server(golden_repository: Path, tmp_path: Path):
         f"defaults: {{intra_op_threads: 1, max_batch_size: {ROWS}, max_queue_delay_us: 1000, max_queue_size: {QUEUE},"
         f" execution_provider: cpu}}\n"
     )
-    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "--config", str(config)],
+    process = subprocess.Popen([sys.executable, "-m", "genserve.serving.cli", "--config", str(config)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment_for_subprocess())
     address = f"127.0.0.1:{port}"
     try:

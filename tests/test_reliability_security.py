@@ -18,10 +18,10 @@ from helpers import (
 )
 from test_serving_security import self_signed
 
-from serving.config import TlsConfig
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
-from serving.protos import grpc_service_pb2 as ip
+from genserve.serving.config import TlsConfig
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
+from genserve.serving.protos import grpc_service_pb2 as ip
 
 Code = grpc.StatusCode
 TOKEN = "another-s3cret"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from export import (
+from genserve.export import (
     FORMAT_VERSION,
     FileEntry,
     InvalidNameError,
@@ -35,7 +35,7 @@ from export import (
     sanitize_name,
     validate_model_name,
 )
-from export.repository import REMOVING_PREFIX, STAGING_PREFIX
+from genserve.export.repository import REMOVING_PREFIX, STAGING_PREFIX
 
 
 def fake_manifest(name: str, version: int, fp16: bool = False) -> Manifest:

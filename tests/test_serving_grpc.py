@@ -30,13 +30,13 @@ from helpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients import codec  # the tests call the server as a client does
-from export import Repository
-from serving.config import Limits
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
-from serving.protos import grpc_service_pb2 as ip
-from serving.wire import to_uint8
+from genserve.clients import codec  # the tests call the server as a client does
+from genserve.export import Repository
+from genserve.serving.config import Limits
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
+from genserve.serving.protos import grpc_service_pb2 as ip
+from genserve.serving.wire import to_uint8
 
 KINDS = registered_kinds()
 SAMPLERS = [k for k in KINDS if k in ("vae", "dense-vae", "gan", "dcgan", "aae")]  # kinds with a prior
@@ -104,7 +104,7 @@ def direct(server: RunningServer):
 @pytest.fixture(scope="module")
 def digits() -> np.ndarray:
     """Six real MNIST test digits, uint8 (6, 1, 28, 28)."""
-    from training.data.registry import load_dataset
+    from genserve.training.data.registry import load_dataset
 
     return load_dataset("mnist-5k").test_images[:6].numpy()
 

@@ -21,9 +21,9 @@ from helpers import (
     serving_process,
 )
 
-from export import Repository
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc
+from genserve.export import Repository
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc
 
 Code = grpc.StatusCode
 
@@ -100,7 +100,7 @@ def test_sigint_exits_0(repo: Repository) -> None:
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([sys.executable, "-m", "genserve.serving.cli", *args], capture_output=True, text=True, timeout=60,
                           env=environment_for_subprocess())
 
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from helpers import RunningServer, copy_repository, publish_copy, rigged_graph, server_config
 
-from clients.client import GenserveClient
-from export import Manifest, Repository
-from export.labels import labels_of
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
-from serving.protos import grpc_service_pb2 as ip
+from genserve.clients.client import GenserveClient
+from genserve.export import Manifest, Repository
+from genserve.export.labels import labels_of
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
+from genserve.serving.protos import grpc_service_pb2 as ip
 
 LABELLED = ["mnist-gan", "mnist-vae", "mnist-dae"]  # one model per metric family
 NAN, WHITE, FLAT = "mnist-gan-nan", "mnist-gan-white", "mnist-gan-flat"

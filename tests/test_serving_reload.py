@@ -22,12 +22,12 @@ from helpers import (
 )
 from prometheus_client import generate_latest
 
-from clients import codec  # the tests call the server as a client does
-from export import Manifest, Repository
-from serving.models import ModelManager
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
-from serving.protos import grpc_service_pb2 as ip
+from genserve.clients import codec  # the tests call the server as a client does
+from genserve.export import Manifest, Repository
+from genserve.serving.models import ModelManager
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
+from genserve.serving.protos import grpc_service_pb2 as ip
 
 Code = grpc.StatusCode
 

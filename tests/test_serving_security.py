@@ -17,10 +17,10 @@ from helpers import (
 )
 from prometheus_client import generate_latest
 
-from serving.config import TlsConfig
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
-from serving.protos import grpc_service_pb2 as ip
+from genserve.serving.config import TlsConfig
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
+from genserve.serving.protos import grpc_service_pb2 as ip
 
 Code = grpc.StatusCode
 TOKEN = "s3cret-token"
@@ -117,7 +117,7 @@ def test_token_without_tls_on_loopback(repo_root: Path) -> None:
 
 
 def test_tls_settings_are_checked(tmp_path: Path) -> None:
-    from serving.config import ConfigError
+    from genserve.serving.config import ConfigError
 
     with pytest.raises(ConfigError, match="go together"):
         dataclasses.replace(server_config(tmp_path), tls=TlsConfig(cert_file="x")).validate()

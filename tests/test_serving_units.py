@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import codec as client_codec
-from serving import codec, latents, protos_build
-from serving.batcher import DynamicBatcher
-from serving.calls import ServerState
-from serving.config import ConfigError, ModelSettings, load_config
-from serving.errors import (
+from genserve.clients import codec as client_codec
+from genserve.serving import codec, latents, protos_build
+from genserve.serving.batcher import DynamicBatcher
+from genserve.serving.calls import ServerState
+from genserve.serving.config import ConfigError, ModelSettings, load_config
+from genserve.serving.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -32,10 +32,10 @@ from serving.errors import (
     NotFound,
     ResourceExhausted,
 )
-from serving.logs import JsonFormatter, TextFormatter, log_event
-from serving.models import holder_name
-from serving.oip_names import parse_version, split_oip_name
-from serving.protos import genserve_pb2 as pb
+from genserve.serving.logs import JsonFormatter, TextFormatter, log_event
+from genserve.serving.models import holder_name
+from genserve.serving.oip_names import parse_version, split_oip_name
+from genserve.serving.protos import genserve_pb2 as pb
 
 # --- config ------------------------------------------------------------------------------------
 
@@ -495,8 +495,8 @@ def test_protos_build_regenerates_when_sources_change(tmp_path: Path) -> None:
     assert protos_build.is_current(generated, protos)
     assert protos_build.build(generated, protos) is False
     text = (generated / "inference" / "grpc_service_pb2.py").read_text()
-    assert "from serving.generated.inference import model_config_pb2" in text
-    assert "from serving.generated.genserve.v1 import genserve_pb2" in (
+    assert "from genserve.serving.generated.inference import model_config_pb2" in text
+    assert "from genserve.serving.generated.genserve.v1 import genserve_pb2" in (
         generated / "genserve" / "v1" / "genserve_pb2_grpc.py"
     ).read_text()
     source = protos / "genserve" / "v1" / "genserve.proto"
@@ -514,7 +514,7 @@ def test_inference_protos_are_tritons() -> None:
     """Fields our OIP protos share with tritonclient's have the same numbers and types (tritonclient
     may be older or newer), and the messages genserve uses are all there."""
     triton = pytest.importorskip("tritonclient.grpc")  # importable beside ours: a private pool
-    from serving.protos import grpc_service_pb2, model_config_pb2
+    from genserve.serving.protos import grpc_service_pb2, model_config_pb2
 
     def fields(descriptor) -> dict[str, tuple]:
         table = {}

@@ -18,13 +18,13 @@ import grpc
 import pytest
 from helpers import LoggedProcess, copy_repository, publish_copy, serving_process, wait_until
 
-from clients.client import GenserveClient, open_channels
-from export import Repository
-from serving.config import ConfigError, load_config
-from serving.protos import genserve_pb2 as pb
-from serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
-from serving.protos import grpc_service_pb2 as oip
-from serving.worker_group import WorkerContext, WorkerGroup, record_path
+from genserve.clients.client import GenserveClient, open_channels
+from genserve.export import Repository
+from genserve.serving.config import ConfigError, load_config
+from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.protos import genserve_pb2_grpc, grpc_service_pb2_grpc
+from genserve.serving.protos import grpc_service_pb2 as oip
+from genserve.serving.worker_group import WorkerContext, WorkerGroup, record_path
 
 MODEL = "mnist-dense-vae"  # the quickest to load and run
 CHANNELS = 16  # connections: the kernel hands each to one of the 2 workers (all on one: 2 ** -15)

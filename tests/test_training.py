@@ -16,18 +16,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from training.checkpoint import CheckpointError, find_checkpoint, load_trained_model, read_checkpoint
-from training.cli import main as train_main
-from training.cli import resolve_config
-from training.config import TrainConfig
-from training.trainer import train
+from genserve.training.checkpoint import CheckpointError, find_checkpoint, load_trained_model, read_checkpoint
+from genserve.training.cli import main as train_main
+from genserve.training.cli import resolve_config
+from genserve.training.config import TrainConfig
+from genserve.training.trainer import train
 
 TINY = dict(dataset="mnist-5k", epochs=1, batch_size=32, limit=96, nll_k=4, nll_images=16, log_every=1)
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "genserve.training.cli", *args], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -100,7 +100,7 @@ def test_each_model_trains_and_writes_its_run(tmp_path, kind):
 
 def test_shapes_follow_the_dataset(tmp_path):
     """A 32x32 RGB and a 64x64 grey dataset train through the same trainer with no shape set anywhere."""
-    from training.data.types import ImageDataset
+    from genserve.training.data.types import ImageDataset
 
     generator = torch.Generator().manual_seed(0)
     for shape in ((3, 32, 32), (1, 64, 64)):
@@ -148,7 +148,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 
     killed = tmp_path / "killed"
     # Kill the trainer at three moments: right after the first checkpoint, mid-epoch, and again on resume.
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", *args, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "genserve.training.cli", *args, "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (killed / "checkpoints" / "epoch-000001").exists():
@@ -157,7 +157,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", *args, "--out", str(killed), "--resume"],
+    proc = subprocess.Popen([sys.executable, "-m", "genserve.training.cli", *args, "--out", str(killed), "--resume"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(2.0)
     proc.send_signal(signal.SIGKILL)

@@ -26,8 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from training.config import TrainConfig
-from training.files import fsync_dir, fsync_file, write_atomic
+from genserve.training.config import TrainConfig
+from genserve.training.files import fsync_dir, fsync_file, write_atomic
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -245,7 +245,7 @@ def load_run_info(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
 
 def load_trained_model(run_dir: Path, which: str = "auto", device: str | torch.device = "cpu"):
     """Rebuild a trained model from a run directory, in eval mode. Returns (model, config, info, checkpoint)."""
-    from training.models import build_model
+    from genserve.training.models import build_model
 
     config, info = load_run_info(run_dir)
     model = build_model(config.model, tuple(info["image_shape"]), config, info.get("num_classes", 0))

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from training.config import TrainConfig, read_config_file
+from genserve.training.config import TrainConfig, read_config_file
 
 DATASET_HELP = "mnist | fashion-mnist | cifar10 | faces | textures | mnist-5k (embedded, no download)"
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
@@ -101,7 +101,7 @@ def _value_type(hint: Any) -> Any:
 
 def model_kinds_help() -> str:
     """One line per registered model kind, from the model registry (class docstrings)."""
-    from training.models import model_classes
+    from genserve.training.models import model_classes
 
     classes = model_classes()
     width = max(len(name) for name in classes)
@@ -109,7 +109,7 @@ def model_kinds_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.models import model_classes
+    from genserve.training.models import model_classes
 
     p = argparse.ArgumentParser(
         prog="genserve-train",
@@ -174,7 +174,7 @@ def resolve_config(args: dict[str, Any]) -> tuple[TrainConfig, bool]:
 
 def interrupted_message(config: TrainConfig) -> str:
     """What a Ctrl-C leaves behind and how to go on from there."""
-    from training.checkpoint import epoch_checkpoints
+    from genserve.training.checkpoint import epoch_checkpoints
 
     out = Path(config.out)
     kept = epoch_checkpoints(out)
@@ -200,9 +200,9 @@ def _main(argv: list[str] | None) -> int:
         level=logging.DEBUG if args.get("verbose") else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from training.checkpoint import CheckpointError
-    from training.data.errors import DatasetError
-    from training.trainer import NonFiniteLossError, train
+    from genserve.training.checkpoint import CheckpointError
+    from genserve.training.data.errors import DatasetError
+    from genserve.training.trainer import NonFiniteLossError, train
 
     errors = (ValueError, FileNotFoundError, FileExistsError, DatasetError, CheckpointError, NonFiniteLossError)
     try:
@@ -222,7 +222,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"{fresh_line}{interrupted_message(config)}", file=sys.stderr)
         return INTERRUPTED
 
-    from training.distributed import Distributed
+    from genserve.training.distributed import Distributed
 
     if not Distributed.from_environment().is_main:
         return 0  # under torchrun, rank 0 writes and reports the run

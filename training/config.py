@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.files import read_config_mapping
+from genserve.training.files import read_config_mapping
 
 
 @dataclass
@@ -70,7 +70,7 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        from training.models import model_class
+        from genserve.training.models import model_class
 
         model_class(self.model)  # a clear error naming every kind when it is unknown
         if self.lr_schedule not in (None, "cosine", "constant"):

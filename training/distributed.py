@@ -1,6 +1,6 @@
 """Training on several processes or machines under torchrun, with PyTorch DistributedDataParallel.
 
-    torchrun --standalone --nproc-per-node 2 -m training.cli vae --dataset mnist-5k --out runs/ddp-vae
+    torchrun --standalone --nproc-per-node 2 -m genserve.training.cli vae --dataset mnist-5k --out runs/ddp-vae
 
 torchrun starts one process per GPU (or per CPU share) and sets RANK, WORLD_SIZE, LOCAL_RANK and the
 rendezvous address; without them (a plain `genserve-train`) nothing here changes anything. Under it:
@@ -139,7 +139,7 @@ class Distributed:
                 f"--batch-size {config.batch_size} is the global batch and must divide evenly over "
                 f"{self.world_size} processes; use a multiple of {self.world_size}"
             )
-        from training.models import model_class
+        from genserve.training.models import model_class
 
         balance = getattr(config, "balance", None)
         if balance is None:  # the kind's default (on for the gan-balanced preset)

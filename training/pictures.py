@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import plots
-from training.config import TrainConfig
-from training.data.loader import DeviceLoader
-from training.data.types import ImageDataset
-from training.models import GenerativeModel
+from genserve.training import plots
+from genserve.training.config import TrainConfig
+from genserve.training.data.loader import DeviceLoader
+from genserve.training.data.types import ImageDataset
+from genserve.training.models import GenerativeModel
 
 log = logging.getLogger("genserve.train")
 FIXED_SAMPLES = 64
@@ -177,7 +177,7 @@ def write_final_pictures(
         latent_pictures(model, dataset, config, out, torch.cat(latents).flatten(1),
                         torch.cat(labels).numpy() if labels else None)
     if model.adversarial:  # their own pictures: losses of both players, AAE latents vs prior
-        from training.pictures_adversarial import write_adversarial_pictures
+        from genserve.training.pictures_adversarial import write_adversarial_pictures
 
         write_adversarial_pictures(model, dataset, config, run_dir, state, test_loader)
     model.train()

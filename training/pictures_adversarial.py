@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import plots
-from training.config import TrainConfig
-from training.data.loader import DeviceLoader
-from training.data.types import ImageDataset
-from training.models import GenerativeModel
+from genserve.training import plots
+from genserve.training.config import TrainConfig
+from genserve.training.data.loader import DeviceLoader
+from genserve.training.data.types import ImageDataset
+from genserve.training.models import GenerativeModel
 
 CODES_SHOWN = 5000
 HISTOGRAM_DIMS = 16

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from training.checkpoint import (
+from genserve.training.checkpoint import (
     epoch_checkpoints,
     find_checkpoint,
     read_checkpoint,
@@ -28,11 +28,11 @@ from training.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from training.config import TrainConfig
-from training.data.loader import DeviceLoader, fixed_test_loader
-from training.data.types import ImageDataset
-from training.distributed import Distributed, follow
-from training.models import GenerativeModel, StepContext, build_model, model_class
+from genserve.training.config import TrainConfig
+from genserve.training.data.loader import DeviceLoader, fixed_test_loader
+from genserve.training.data.types import ImageDataset
+from genserve.training.distributed import Distributed, follow
+from genserve.training.models import GenerativeModel, StepContext, build_model, model_class
 
 log = logging.getLogger("genserve.train")
 
@@ -112,7 +112,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         if dataset is None:
-            from training.data.registry import load_dataset
+            from genserve.training.data.registry import load_dataset
 
             dataset = load_dataset(config.dataset, config.data_dir, config.image_size)
         data = dataset
@@ -219,7 +219,7 @@ class Trainer:
         (fid_domain on unlabelled data), and then no checkpoint is marked best."""
         if self.model.selection_metric == "test_loss":
             return test["loss"]
-        from training.evaluation.sample_quality import default_sample_metrics, sample_quality_metrics
+        from genserve.training.evaluation.sample_quality import default_sample_metrics, sample_quality_metrics
 
         if "fid_domain" not in default_sample_metrics(self.model, self.dataset):
             return None
@@ -296,7 +296,7 @@ class Trainer:
     def run(self) -> Path:
         from torch.utils.tensorboard import SummaryWriter
 
-        from training.pictures import write_epoch_pictures
+        from genserve.training.pictures import write_epoch_pictures
 
         if not self.dist.is_main:
             return follow(self)  # train in step with rank 0, write nothing
@@ -379,8 +379,8 @@ class Trainer:
 
     def finish(self, writer) -> None:
         """The final metrics and pictures, of what export takes by default (--checkpoint auto)."""
-        from training.evaluation import final_metrics
-        from training.pictures import write_final_pictures
+        from genserve.training.evaluation import final_metrics
+        from genserve.training.pictures import write_final_pictures
 
         chosen = self.load_exported_checkpoint()
         final = {**final_metrics(self.model, self.dataset, self.config, self.test_loader), **chosen}

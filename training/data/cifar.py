@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.cache import cache_dir
-from training.data.errors import DatasetError, DatasetMissingError, fix_command
-from training.data.types import ImageDataset
-from training.files import atomic_write
+from genserve.training.cache import cache_dir
+from genserve.training.data.errors import DatasetError, DatasetMissingError, fix_command
+from genserve.training.data.types import ImageDataset
+from genserve.training.files import atomic_write
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"})

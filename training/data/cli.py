@@ -7,12 +7,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.data.cifar import cifar10_sources
-from training.data.download import DEFAULT_TIMEOUT, SOURCES, FileCheck, check_local, download
-from training.data.embedded import mnist_5k_path
-from training.data.errors import DatasetError, fix_command
-from training.data.registry import DATASETS, resolve_data_dir
-from training.data.textures import texture_folder
+from genserve.training.data.cifar import cifar10_sources
+from genserve.training.data.download import DEFAULT_TIMEOUT, SOURCES, FileCheck, check_local, download
+from genserve.training.data.embedded import mnist_5k_path
+from genserve.training.data.errors import DatasetError, fix_command
+from genserve.training.data.registry import DATASETS, resolve_data_dir
+from genserve.training.data.textures import texture_folder
 
 # Worse states sort later; `verify` fails on missing and corrupt.
 _RANK = {"ok": 0, "unverified": 1, "missing": 2, "corrupt": 3}

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.data.errors import ChecksumError, DatasetError, DownloadError
-from training.data.registry import resolve_data_dir
-from training.files import fsync_dir
+from genserve.training.data.errors import ChecksumError, DatasetError, DownloadError
+from genserve.training.data.registry import resolve_data_dir
+from genserve.training.files import fsync_dir
 
 USER_AGENT = "genserve-data/0.1 (+urllib)"
 CHUNK = 1 << 20

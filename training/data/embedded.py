@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.data.errors import DatasetError, DatasetMissingError
-from training.data.idx import MNIST_CLASSES
-from training.data.types import ImageDataset
+from genserve.training.data.errors import DatasetError, DatasetMissingError
+from genserve.training.data.idx import MNIST_CLASSES
+from genserve.training.data.types import ImageDataset
 
 NUM_IMAGES, NUM_TEST = 5000, 500
 SPLIT_SEED = 20240501  # fixed: the train/test split must never change between runs or versions

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from training.data.cifar import IMAGE_SUFFIXES
-from training.data.errors import DatasetError, DatasetMissingError, fix_command
-from training.data.types import ImageDataset
+from genserve.training.data.cifar import IMAGE_SUFFIXES
+from genserve.training.data.errors import DatasetError, DatasetMissingError, fix_command
+from genserve.training.data.types import ImageDataset
 
 DEFAULT_SIZE = 64
 OLIVETTI_PEOPLE, OLIVETTI_PER_PERSON, OLIVETTI_TEST_PER_PERSON = 40, 10, 2

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.data.errors import DatasetError, DatasetMissingError, fix_command
-from training.data.types import ImageDataset
+from genserve.training.data.errors import DatasetError, DatasetMissingError, fix_command
+from genserve.training.data.types import ImageDataset
 
 MNIST_CLASSES = [str(digit) for digit in range(10)]
 FASHION_MNIST_CLASSES = [

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
-from training.distributed import shard_indices, shard_size
-from training.models.base import Batch
+from genserve.training.distributed import shard_indices, shard_size
+from genserve.training.models.base import Batch
 
 
 class DeviceLoader:

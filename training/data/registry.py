@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from training.data.cifar import load_cifar10
-from training.data.embedded import load_mnist_5k
-from training.data.errors import DatasetError
-from training.data.faces import load_faces
-from training.data.idx import load_idx_dataset
-from training.data.textures import load_textures
-from training.data.types import ImageDataset
+from genserve.training.data.cifar import load_cifar10
+from genserve.training.data.embedded import load_mnist_5k
+from genserve.training.data.errors import DatasetError
+from genserve.training.data.faces import load_faces
+from genserve.training.data.idx import load_idx_dataset
+from genserve.training.data.textures import load_textures
+from genserve.training.data.types import ImageDataset
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "faces", "textures", "mnist-5k")
 # Datasets kept at their native size: image_size must be None or equal to it.

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.data.cifar import IMAGE_SUFFIXES
-from training.data.errors import DatasetError, DatasetMissingError, fix_command
-from training.data.types import ImageDataset
+from genserve.training.data.cifar import IMAGE_SUFFIXES
+from genserve.training.data.errors import DatasetError, DatasetMissingError, fix_command
+from genserve.training.data.types import ImageDataset
 
 DEFAULT_CROP = 28
 TEST_FRACTION = 0.2

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from training.config import TrainConfig
-from training.data.loader import DeviceLoader
-from training.data.types import ImageDataset
-from training.evaluation.progress import progress
-from training.evaluation.reconstruction import per_image_mse, psnr_db
-from training.models import GenerativeModel
+from genserve.training.config import TrainConfig
+from genserve.training.data.loader import DeviceLoader
+from genserve.training.data.types import ImageDataset
+from genserve.training.evaluation.progress import progress
+from genserve.training.evaluation.reconstruction import per_image_mse, psnr_db
+from genserve.training.models import GenerativeModel
 
 log = logging.getLogger("genserve.eval")
 NLL_DECODES_PER_CHUNK = 1024  # estimate_nll's batch_size: decoder evaluations at once
@@ -21,7 +21,7 @@ NLL_CHUNKS_PER_STEP = 10  # of those per progress step
 
 @torch.no_grad()
 def vae_likelihood_metrics(model: GenerativeModel, config: TrainConfig, test_loader: DeviceLoader) -> dict[str, Any]:
-    from training.models.likelihood import estimate_nll
+    from genserve.training.models.likelihood import estimate_nll
 
     model.eval()
     elbo_sum, count, nll_images = 0.0, 0, []
@@ -80,7 +80,7 @@ def final_metrics(
     if "samples" in families:
         # Sample quality (see sample_quality.py): fid_domain, class_coverage, parzen_ll_nats where they
         # apply; fid_inception on CUDA only (genserve-eval computes any of them later, for any sampler).
-        from training.evaluation.sample_quality import default_sample_metrics, sample_quality_metrics
+        from genserve.training.evaluation.sample_quality import default_sample_metrics, sample_quality_metrics
 
         metrics.update(sample_quality_metrics(model, dataset, config, default_sample_metrics(model, dataset)))
     return metrics

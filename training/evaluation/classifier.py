@@ -23,9 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from training.cache import cache_dir
-from training.data.types import ImageDataset
-from training.files import atomic_write
+from genserve.training.cache import cache_dir
+from genserve.training.data.types import ImageDataset
+from genserve.training.files import atomic_write
 
 log = logging.getLogger("genserve.eval")
 

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import CHECKPOINT_CHOICES
-from training.cli import INTERRUPTED
-from training.evaluation.sample_quality import SAMPLE_METRICS
+from genserve.training.checkpoint import CHECKPOINT_CHOICES
+from genserve.training.cli import INTERRUPTED
+from genserve.training.evaluation.sample_quality import SAMPLE_METRICS
 
 RUN_METRICS = ("likelihood", "reconstruction")  # the training issue's: VAE ELBO/NLL; MSE/PSNR
 METRICS = (*SAMPLE_METRICS, *RUN_METRICS)
@@ -82,12 +82,12 @@ def evaluate_run(
     """Compute `metrics` (None: the kind's training-time set) for a run; merge them into metrics.json."""
     import torch
 
-    from training.checkpoint import load_trained_model, write_json_atomic
-    from training.data.loader import fixed_test_loader
-    from training.data.registry import load_dataset
-    from training.evaluation import final_metrics, reconstruction_metrics, vae_likelihood_metrics
-    from training.evaluation.sample_quality import sample_quality_metrics
-    from training.trainer import EVAL_BATCH, select_device
+    from genserve.training.checkpoint import load_trained_model, write_json_atomic
+    from genserve.training.data.loader import fixed_test_loader
+    from genserve.training.data.registry import load_dataset
+    from genserve.training.evaluation import final_metrics, reconstruction_metrics, vae_likelihood_metrics
+    from genserve.training.evaluation.sample_quality import sample_quality_metrics
+    from genserve.training.trainer import EVAL_BATCH, select_device
 
     run_dir = Path(run_dir)
     model, config, info, path = load_trained_model(run_dir, checkpoint, select_device(device))
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from training.checkpoint import CheckpointError
-    from training.data.errors import DatasetError
-    from training.evaluation.inception import InceptionWeightsError
+    from genserve.training.checkpoint import CheckpointError
+    from genserve.training.data.errors import DatasetError
+    from genserve.training.evaluation.inception import InceptionWeightsError
 
     try:
         results = evaluate_run(

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.config import TrainConfig
-from training.data.types import ImageDataset
-from training.evaluation.fid import fid_from_features
-from training.evaluation.progress import progress
-from training.models import GenerativeModel
+from genserve.training.config import TrainConfig
+from genserve.training.data.types import ImageDataset
+from genserve.training.evaluation.fid import fid_from_features
+from genserve.training.evaluation.progress import progress
+from genserve.training.models import GenerativeModel
 
 log = logging.getLogger("genserve.eval")
 
@@ -96,7 +96,7 @@ def classifier_dataset(dataset: ImageDataset, config: TrainConfig) -> ImageDatas
     so fid_domain) is the same for every run on a dataset; `dataset` itself when it cannot be reloaded."""
     if config.limit is None or len(dataset.train_images) < config.limit:
         return dataset
-    from training.data.registry import load_dataset
+    from genserve.training.data.registry import load_dataset
 
     try:
         full = load_dataset(config.dataset, config.data_dir, config.image_size)
@@ -116,7 +116,7 @@ def classifier_dataset(dataset: ImageDataset, config: TrainConfig) -> ImageDatas
 def domain_metrics(
     samples: torch.Tensor, real: torch.Tensor, dataset: ImageDataset, wanted: Sequence[str], device: torch.device
 ) -> dict[str, Any]:
-    from training.evaluation.classifier import domain_classifier
+    from genserve.training.evaluation.classifier import domain_classifier
 
     classifier, test_accuracy = domain_classifier(dataset, device)
     fake = batched(classifier.embed, samples, device, SAMPLE_BATCH)
@@ -132,7 +132,7 @@ def domain_metrics(
 
 
 def inception_fid(samples: torch.Tensor, real: torch.Tensor, device: torch.device) -> float:
-    from training.evaluation.inception import load_inception
+    from genserve.training.evaluation.inception import load_inception
 
     network = load_inception(device)
     real_features = torch.cat(batched(network, real, device, INCEPTION_BATCH))
@@ -141,7 +141,7 @@ def inception_fid(samples: torch.Tensor, real: torch.Tensor, device: torch.devic
 
 
 def parzen(samples: torch.Tensor, dataset: ImageDataset, device: torch.device) -> dict[str, Any]:
-    from training.evaluation.parzen import parzen_metrics
+    from genserve.training.evaluation.parzen import parzen_metrics
 
     def to_float(images: torch.Tensor) -> torch.Tensor:
         return images.to(device).float().div_(255)
@@ -153,7 +153,7 @@ def parzen(samples: torch.Tensor, dataset: ImageDataset, device: torch.device) -
 def default_sample_metrics(model: GenerativeModel, dataset: ImageDataset) -> list[str]:
     """What a training run reports by itself: the cheap metrics that apply. fid_inception only on CUDA
     (seconds per image on a CPU: compute it later with genserve-eval --metrics fid_inception)."""
-    from training.evaluation.inception import InceptionWeightsError, weights_path
+    from genserve.training.evaluation.inception import InceptionWeightsError, weights_path
 
     chosen = []
     if dataset.num_classes >= 2 and dataset.train_labels is not None and dataset.test_labels is not None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from training.config import TrainConfig
-from training.models.base import Batch, GenerativeModel, StepContext
+from genserve.training.config import TrainConfig
+from genserve.training.models.base import Batch, GenerativeModel, StepContext
 
 __all__ = ["Batch", "GenerativeModel", "StepContext", "build_model", "model_class", "model_classes", "model_kinds"]
 
@@ -16,16 +16,16 @@ __all__ = ["Batch", "GenerativeModel", "StepContext", "build_model", "model_clas
 def model_classes() -> dict[str, type[GenerativeModel]]:
     """Every model kind by name: the defaults first, each followed by its presets."""
     # Imported here so that importing training.models does not import every family.
-    from training.models.aae import AdversarialAutoencoder
-    from training.models.autoencoder import (
+    from genserve.training.models.aae import AdversarialAutoencoder
+    from genserve.training.models.autoencoder import (
         ConvAutoencoder,
         DenoisingAutoencoder,
         KerasConvAutoencoder,
         KerasDenoisingAutoencoder,
     )
-    from training.models.dcgan import DCGAN, ClassicDCGAN
-    from training.models.gan import MLPGAN, BalancedMLPGAN
-    from training.models.vae import ConvVAE, CsnlDenseVAE, DenseVAE, KerasConvVAE
+    from genserve.training.models.dcgan import DCGAN, ClassicDCGAN
+    from genserve.training.models.gan import MLPGAN, BalancedMLPGAN
+    from genserve.training.models.vae import ConvVAE, CsnlDenseVAE, DenseVAE, KerasConvVAE
 
     classes = [
         ConvVAE, KerasConvVAE, DenseVAE, CsnlDenseVAE, ConvAutoencoder, KerasConvAutoencoder,

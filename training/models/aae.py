@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import TrainConfig
-from training.models.base import Batch, GenerativeModel, SigmoidOutput, StepContext
-from training.models.gan import adversarial_report, bce
-from training.models.priors import Prior, build_prior
+from genserve.training.config import TrainConfig
+from genserve.training.models.base import Batch, GenerativeModel, SigmoidOutput, StepContext
+from genserve.training.models.gan import adversarial_report, bce
+from genserve.training.models.priors import Prior, build_prior
 
 HIDDEN = 1000
 EVAL_PRIOR_SEED = 4321

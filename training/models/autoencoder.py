@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import TrainConfig
-from training.models.base import Batch, GenerativeModel, SigmoidOutput, StepContext
-from training.models.vae import ResidualBlock, downsampling_plan
+from genserve.training.config import TrainConfig
+from genserve.training.models.base import Batch, GenerativeModel, SigmoidOutput, StepContext
+from genserve.training.models.vae import ResidualBlock, downsampling_plan
 
 
 class Autoencoder(GenerativeModel):

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from training.config import TrainConfig
+from genserve.training.config import TrainConfig
 
 
 @dataclass

@@ -24,8 +24,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from training.config import TrainConfig
-from training.models.gan import GAN, MinibatchStdDev
+from genserve.training.config import TrainConfig
+from genserve.training.models.gan import GAN, MinibatchStdDev
 
 BASE_CHANNELS = 64  # ngf = ndf in pytorch/examples
 MIN_START = 4

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from training.config import TrainConfig
-from training.models.base import Batch, GenerativeModel, StepContext
+from genserve.training.config import TrainConfig
+from genserve.training.models.base import Batch, GenerativeModel, StepContext
 
 EVAL_NOISE_SEED = 1234  # test losses use the same noise at every epoch, so they are comparable
 STATISTICS_NOISE_SEED = 4321  # the noise that recomputes the averaged generator's batch-norm statistics

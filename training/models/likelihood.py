@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from training.models.vae import VAE
+    from genserve.training.models.vae import VAE
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from training.config import TrainConfig
+from genserve.training.config import TrainConfig
 
 PRIORS = ("gaussian", "uniform", "mixture")
 DEFAULT_COMPONENTS = 10

@@ -13,9 +13,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from training.config import TrainConfig
-from training.models.base import Batch, GenerativeModel, SigmoidOutput, StepContext
-from training.models.likelihood import bernoulli_log_prob, gaussian_kl, gaussian_log_prob
+from genserve.training.config import TrainConfig
+from genserve.training.models.base import Batch, GenerativeModel, SigmoidOutput, StepContext
+from genserve.training.models.likelihood import bernoulli_log_prob, gaussian_kl, gaussian_log_prob
 
 MIN_LOG_SIGMA = -6.0  # floor of the learned decoder log-std, so the Gaussian NLL cannot run to -inf
 
