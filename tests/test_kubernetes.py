@@ -66,7 +66,7 @@ def resource(kind: str, name: str) -> dict[str, Any]:
 
 
 def is_kserve(doc: dict[str, Any]) -> bool:
-    return doc["apiVersion"].split("/")[0] == "genserve.serving.kserve.io"
+    return doc["apiVersion"].split("/")[0] == "serving.kserve.io"
 
 
 # --- schemas -------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_expected_resources_are_there() -> None:
     assert kinds == {
         ("v1", "ConfigMap"), ("v1", "PersistentVolumeClaim"), ("apps/v1", "Deployment"), ("v1", "Service"),
         ("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"), ("batch/v1", "Job"),
-        ("genserve.serving.kserve.io/v1alpha1", "ServingRuntime"), ("genserve.serving.kserve.io/v1beta1", "InferenceService"),
+        ("serving.kserve.io/v1alpha1", "ServingRuntime"), ("serving.kserve.io/v1beta1", "InferenceService"),
     }
 
 
