@@ -45,11 +45,18 @@ def _non_negative(text: str) -> int:
     return 0 if text.strip() == "0" else _positive(text)
 
 
+def _metric_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected metric names separated by commas, got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     # export.pipeline imports onnxruntime: only after main() has checked that it is installed.
     from genserve.export.gate import DEFAULT_TOLERANCE, parse_tolerance
     from genserve.export.pipeline import CHECKPOINT_CHOICES, DEFAULT_MAX_BATCH
-    from genserve.export.quality import DEFAULT_NLL_K, DEFAULT_SAMPLES
+    from genserve.export.quality import DEFAULT_NLL_K, DEFAULT_SAMPLES, EXTRA_METRICS
 
     parser = argparse.ArgumentParser(
         prog="genserve-export",
@@ -74,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"the exported graphs (default {DEFAULT_SAMPLES}; 0: no labels)")
     quality.add_argument("--quality-nll-k", type=_non_negative, default=DEFAULT_NLL_K, metavar="K",
                          help=f"importance samples per image for the VAEs' test_nll_nats label (default {DEFAULT_NLL_K}; 0: none)")
+    quality.add_argument("--quality-metrics", type=_metric_list, action="extend", default=[], metavar="METRIC[,METRIC]",
+                         help=f"opt-in labels measured besides the model's defaults, for models that can sample: "
+                         f"{', '.join(EXTRA_METRICS)} (the standard Inception-v3 FID, on the same samples and test "
+                         f"images as fid_domain; about a second per image on a CPU); repeatable")
     quality.add_argument("--gate", action="store_true",
                          help="refuse to publish when a quality label is worse than the latest published version's "
                          "(same metric and protocol) by more than its tolerance")
@@ -160,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fp16=args.fp16,
             keep=args.keep,
             checkpoint=args.checkpoint,
-            quality=QualityConfig(samples=args.quality_samples, nll_k=args.quality_nll_k),
+            quality=QualityConfig(samples=args.quality_samples, nll_k=args.quality_nll_k,
+                                  extra_metrics=tuple(dict.fromkeys(args.quality_metrics))),
             gate=GateConfig(enabled=args.gate, force=args.force, tolerances=dict(args.gate_tolerance)),
             progress=progress,
         )

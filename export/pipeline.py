@@ -41,7 +41,7 @@ from genserve.export.parity import (
     reference_outputs,
 )
 from genserve.export.provenance import exporter_info
-from genserve.export.quality import QualityConfig, QualityMeter, unmeasured_reason
+from genserve.export.quality import QualityConfig, QualityError, QualityMeter, check_requested, unmeasured_reason
 from genserve.export.repository import Repository, check_keep
 from genserve.training.files import write_bytes_durable
 
@@ -139,7 +139,10 @@ def quality_meter(model: Any, config: Any, quality: QualityConfig, parts: list[s
             error = failure
     reason = unmeasured_reason(model, dataset, quality, parts)
     if reason is not None:
-        return None, reason + (f" ({error})" if dataset is None and error else "")
+        reason += f" ({error})" if dataset is None and error else ""
+        if quality.extra_metrics:  # asked for by name: an error, not a warning
+            raise QualityError(f"{', '.join(quality.extra_metrics)} was requested but cannot be measured: {reason}")
+        return None, reason
     return QualityMeter(model, config, dataset, quality), None
 
 
@@ -266,6 +269,7 @@ def export_run(
         raise ExportError(f"{model.kind} returned no servable parts; nothing to export")
 
     quality, gate = quality or QualityConfig(), gate or GateConfig()
+    check_requested(model, quality)  # before the slow work
     batches, providers = parity_batches(max_batch), providers_to_check()
     latent_dim = _latent_dim(model)
     exports: dict[str, _PartExport] = {}

@@ -12,6 +12,12 @@ What is measured follows the model's declared metric families (training/models/b
     reconstruction  test_psnr_db                  test images (noisy for the denoiser) through the
                                                   encoder and decoder graphs, or the denoiser graph
 
+and, only where requested (QualityConfig.extra_metrics, genserve-export --quality-metrics), for any
+model that can sample:
+
+    fid_inception   the standard FID (Inception-v3 pool3, training/evaluation/inception.py) of the same
+                    prior samples against the same real test images as fid_domain; slow on a CPU
+
 The torch model only supplies what a graph cannot: prior samples, the likelihood's form (and a learned
 decoder std), and the training config (binarisation, noise). The numbers describe the graphs' outputs.
 The same pass measures the sample-health references the server normalises by (export/sample_stats.py).
@@ -41,6 +47,7 @@ DEFAULT_SAMPLES = 500  # a few seconds on a CPU for every kind; FIDs from 500 sa
 DEFAULT_NLL_K = 10
 RUN_BATCH = 100
 PROVIDER = "CPUExecutionProvider"  # labels are measured on CPU, so every producer's numbers agree
+EXTRA_METRICS = ("fid_inception",)  # measured only where requested: seconds per sample on a CPU
 
 
 class QualityError(Exception):
@@ -55,19 +62,32 @@ class QualityConfig:
     nll_k: int = DEFAULT_NLL_K  # importance samples per image for test_nll_nats; 0: no NLL label
     seed: int = 0  # prior samples and posterior noise
     diversity_rows: int = DIVERSITY_ROWS
+    extra_metrics: tuple[str, ...] = ()  # opt-in labels (EXTRA_METRICS) besides the model's defaults
 
     def __post_init__(self) -> None:
+        if isinstance(self.extra_metrics, str) or not isinstance(self.extra_metrics, list | tuple):
+            raise ValueError(f"quality extra_metrics must be a list of metric names, got {self.extra_metrics!r}")
+        object.__setattr__(self, "extra_metrics", tuple(self.extra_metrics))  # a YAML or JSON list
+        unknown = [m for m in self.extra_metrics if m not in EXTRA_METRICS]
+        if unknown:
+            raise ValueError(f"unknown opt-in quality metric {', '.join(map(repr, unknown))}; choose from "
+                             f"{', '.join(EXTRA_METRICS)} (the model's default labels are always measured)")
+        if len(set(self.extra_metrics)) != len(self.extra_metrics):
+            raise ValueError(f"quality extra_metrics names a metric twice: {list(self.extra_metrics)}")
         for name in ("samples", "nll_k", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"quality {name} must be a non-negative integer, got {value!r}")
         if 0 < self.samples < 2:
             raise ValueError(f"quality samples must be 0 (no labels) or at least 2, got {self.samples}")
+        if self.extra_metrics and self.samples == 0:
+            raise ValueError(f"{', '.join(self.extra_metrics)} was requested but quality samples is 0 (no labels); "
+                             "measure on at least 2 samples (--quality-samples N)")
         if self.diversity_rows < 2:
             raise ValueError(f"diversity rows must be at least 2, got {self.diversity_rows}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "extra_metrics": list(self.extra_metrics)}
 
 
 Graphs = dict[str, tuple[str, bytes]]  # part -> (file name, the bytes published)
@@ -100,6 +120,7 @@ class QualityMeter:
     """Prepared before publishing (dataset, classifier, prior samples); measure() runs on the bytes."""
 
     def __init__(self, model: GenerativeModel, train_config: TrainConfig, dataset: ImageDataset, config: QualityConfig):
+        check_requested(model, config)
         self.model, self.train_config, self.dataset, self.config = model, train_config, dataset, config
         self.reference = {"dataset": dataset.name, "split": "test"}
         from genserve.training.trainer import (
@@ -121,6 +142,11 @@ class QualityMeter:
             health[sampler.ref.part] = self._health(samples)
             if "samples" in families:
                 labels += self._sample_labels(samples, sampler.ref)
+            if "fid_inception" in self.config.extra_metrics:
+                labels.append(self._inception_label(samples, sampler.ref))
+        elif self.config.extra_metrics:
+            raise QualityError(f"{', '.join(self.config.extra_metrics)} needs a generator or decoder graph to "
+                               f"sample from; this version has {', '.join(sorted(sessions)) or 'none'}")
         if "likelihood" in families:
             labels += self._likelihood_labels(sessions["encoder"], sessions["decoder"])
         if "reconstruction" in families:
@@ -177,7 +203,7 @@ class QualityMeter:
         classifier, accuracy = domain_classifier(labelled, "cpu")
         extractor = {"name": "domain_classifier", "version": VERSION, "sha256": _weights_sha256(classifier),
                      "test_accuracy": accuracy, "features": classifier.hidden.out_features}
-        u8 = torch.from_numpy((np.clip(samples, 0, 1) * 255).round().astype(np.uint8))
+        u8 = _quantised(samples)
         real = real_subset(dataset.test_images, self.config.samples)
         metrics = domain_metrics(u8, real, labelled, ["fid_domain", "class_coverage"], torch.device("cpu"))
         reference = {**self.reference, "images": len(real)}
@@ -190,6 +216,20 @@ class QualityMeter:
                          details={"shares": metrics["class_coverage"],
                                   "max_entropy_nats": metrics["class_coverage_max_entropy_nats"]}),
         ]
+
+    # --- samples, where requested: fid_inception -----------------------------------------------
+    def _inception_label(self, samples: np.ndarray, graph: GraphRef) -> QualityLabel:
+        from genserve.training.evaluation.inception import extractor_identity
+        from genserve.training.evaluation.sample_quality import inception_fid, real_subset
+
+        extractor = extractor_identity()
+        u8 = _quantised(samples)
+        real = real_subset(self.dataset.test_images, self.config.samples)  # the same images as fid_domain's
+        value = inception_fid(u8, real, torch.device("cpu"))
+        reference = {**self.reference, "images": len(real)}
+        settings = self._settings(feature_extractor=extractor["sha256"], reference=reference, quantised="uint8")
+        return QualityLabel("fid_inception", value, "lower", "", samples=len(u8), reference=reference,
+                            feature_extractor=extractor, graphs=(graph,), settings=settings)
 
     # --- likelihood: test ELBO and importance-sampled NLL ---------------------------------------
     def _likelihood_labels(self, encoder: _Session, decoder: _Session) -> list[QualityLabel]:
@@ -253,6 +293,11 @@ class QualityMeter:
         return label, np.concatenate(outputs), chain[-1].ref.part
 
 
+def _quantised(samples: np.ndarray) -> torch.Tensor:
+    """Graph outputs as 8-bit images, as if saved as PNGs (as training/evaluation measures samples)."""
+    return torch.from_numpy((np.clip(samples, 0, 1) * 255).round().astype(np.uint8))
+
+
 def _weights_sha256(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -285,3 +330,25 @@ def unmeasured_reason(model: GenerativeModel, dataset: ImageDataset | None, conf
     if "likelihood" in model.metric_families and not {"encoder", "decoder"} <= set(parts):
         return "the likelihood needs an encoder and a decoder graph"
     return None
+
+
+def check_requested(model: GenerativeModel, config: QualityConfig) -> None:
+    """Fail before any work when an opt-in label cannot be measured for this model (QualityError)."""
+    if not config.extra_metrics:
+        return
+    if not model.can_sample:
+        from genserve.training.models import model_classes
+
+        can = [kind for kind, cls in model_classes().items() if cls.can_sample]
+        raise QualityError(
+            f"{', '.join(config.extra_metrics)} measures samples drawn from the model, and {model.kind} cannot "
+            f"sample (it has no prior to draw from); the kinds that can: {', '.join(can)}. Drop --quality-metrics "
+            "for this run"
+        )
+    if "fid_inception" in config.extra_metrics:
+        from genserve.training.evaluation.inception import InceptionWeightsError, extractor_identity
+
+        try:
+            extractor_identity()
+        except InceptionWeightsError as error:
+            raise QualityError(str(error)) from error

