@@ -41,7 +41,13 @@ from genserve.export.parity import (
     reference_outputs,
 )
 from genserve.export.provenance import exporter_info
-from genserve.export.quality import QualityConfig, QualityError, QualityMeter, check_requested, unmeasured_reason
+from genserve.export.quality import (
+    QualityConfig,
+    QualityError,
+    QualityMeter,
+    check_requested,
+    unmeasured_reason,
+)
 from genserve.export.repository import Repository, check_keep
 from genserve.training.files import write_bytes_durable
 
