@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--quality-metrics", type=_metric_list, action="extend", default=[], metavar="METRIC[,METRIC]",
                          help=f"opt-in labels measured besides the model's defaults, for models that can sample: "
                          f"{', '.join(EXTRA_METRICS)} (the standard Inception-v3 FID, on the same samples and test "
-                         f"images as fid_domain; about a second per image on a CPU); repeatable")
+                         f"images as fid_domain; about half a second per image on a 2-core CPU); repeatable")
     quality.add_argument("--gate", action="store_true",
                          help="refuse to publish when a quality label is worse than the latest published version's "
                          "(same metric and protocol) by more than its tolerance")

@@ -219,13 +219,16 @@ class QualityMeter:
 
     # --- samples, where requested: fid_inception -----------------------------------------------
     def _inception_label(self, samples: np.ndarray, graph: GraphRef) -> QualityLabel:
-        from genserve.training.evaluation.inception import extractor_identity
+        from genserve.training.evaluation.inception import InceptionWeightsError, extractor_identity
         from genserve.training.evaluation.sample_quality import inception_fid, real_subset
 
-        extractor = extractor_identity()
         u8 = _quantised(samples)
         real = real_subset(self.dataset.test_images, self.config.samples)  # the same images as fid_domain's
-        value = inception_fid(u8, real, torch.device("cpu"))
+        try:
+            extractor = extractor_identity()
+            value = inception_fid(u8, real, torch.device("cpu"))
+        except InceptionWeightsError as error:
+            raise QualityError(f"fid_inception: {error}") from error
         reference = {**self.reference, "images": len(real)}
         settings = self._settings(feature_extractor=extractor["sha256"], reference=reference, quantised="uint8")
         return QualityLabel("fid_inception", value, "lower", "", samples=len(u8), reference=reference,
@@ -346,9 +349,9 @@ def check_requested(model: GenerativeModel, config: QualityConfig) -> None:
             "for this run"
         )
     if "fid_inception" in config.extra_metrics:
-        from genserve.training.evaluation.inception import InceptionWeightsError, extractor_identity
+        from genserve.training.evaluation.inception import InceptionWeightsError, weights_path
 
         try:
-            extractor_identity()
+            weights_path()  # the file's hashes are checked when it is read
         except InceptionWeightsError as error:
             raise QualityError(str(error)) from error
