@@ -148,6 +148,16 @@ def test_batch_size_default_comes_from_the_model(tmp_path) -> None:
         TrainConfig(model="dcgan", batch_size=0).validate()
 
 
+def test_dcgan_width_comes_from_the_config() -> None:
+    default = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan"))
+    wide = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan", dcgan_base_channels=128))
+    # 28 px: G 7x7 -> 14x14 -> 28x28, D mirrors it; every hidden width doubles with the base.
+    assert conv_channels(default.generator) == [128, 64, 1] and conv_channels(default.discriminator) == [64, 128, 1]
+    assert conv_channels(wide.generator) == [256, 128, 1] and conv_channels(wide.discriminator) == [128, 256, 1]
+    with pytest.raises(ValueError, match="dcgan_base_channels must be at least 1"):
+        TrainConfig(model="dcgan", dcgan_base_channels=0).validate()
+
+
 def test_output_bias_starts_at_the_mean_logit() -> None:
     mean = torch.full((1, 28, 28), 0.1)
     mean[:, :14] = 0.3

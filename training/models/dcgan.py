@@ -27,7 +27,7 @@ from torch import nn
 from genserve.training.config import TrainConfig
 from genserve.training.models.gan import GAN, MinibatchStdDev
 
-BASE_CHANNELS = 64  # ngf = ndf in pytorch/examples
+BASE_CHANNELS = 64  # ngf = ndf in pytorch/examples; config.dcgan_base_channels overrides it
 MIN_START = 4
 
 
@@ -86,7 +86,8 @@ class DCGAN(GAN):
     def __init__(self, image_shape: tuple[int, int, int], config: TrainConfig, num_classes: int = 0):
         c, h, w = image_shape
         self.start_h, self.start_w, doublings = layer_plan(h, w)
-        self.channels = [BASE_CHANNELS * 2**i for i in reversed(range(doublings))]  # e.g. 512, 256, 128, 64
+        base = config.dcgan_base_channels or BASE_CHANNELS
+        self.channels = [base * 2**i for i in reversed(range(doublings))]  # e.g. 512, 256, 128, 64
         super().__init__(image_shape, config, num_classes)
 
     def build_generator(self) -> nn.Module:
