@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from benchmarks.serving_bench import (
     free_port,
     percentiles,
     scrape_batch_sizes,
+    stop_process,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,14 +181,7 @@ class Server:
         raise TimeoutError(f"{self.name} did not become ready in {timeout:.0f} s; see {self.log.name}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        stop_process(self.process, self.log)
 
 
 class GenserveServer(Server):

@@ -262,14 +262,19 @@ class ServerProcess:
         raise TimeoutError("the server did not become SERVING")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        stop_process(self.process, self.log)
+
+
+def stop_process(process: subprocess.Popen, log) -> None:
+    """SIGTERM (the server drains), then SIGKILL after 30 s; close its log."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log.close()
 
 
 def scrape_batch_sizes(url: str, model: str) -> dict[str, float]:

@@ -48,3 +48,10 @@ def golden_repository(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
     except (AttributeError, OSError):  # no cache provider, or a read-only checkout
         cache_root = tmp_path_factory.mktemp("genserve-serving-models")
     return model_repository(cache_root)
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    """A gRPC channel to the test module's own `server` fixture (a helpers.RunningServer)."""
+    with server.channel() as channel:
+        yield channel

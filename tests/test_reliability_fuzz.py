@@ -74,12 +74,6 @@ def server(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     running.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server: RunningServer):
-    with server.channel() as ch:
-        yield ch
-
-
 def check(kind: str, call, request) -> grpc.StatusCode:
     """Send one case; the answer must be a status code from ALLOWED (a response counts as OK)."""
     try:

@@ -67,12 +67,6 @@ def server(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def channel(server: RunningServer):
-    with server.channel() as channel:
-        yield channel
-
-
-@pytest.fixture(scope="module")
 def genserve(channel) -> genserve_pb2_grpc.GenserveStub:
     return genserve_pb2_grpc.GenserveStub(channel)
 

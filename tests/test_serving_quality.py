@@ -55,12 +55,6 @@ def server(golden_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     running.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server: RunningServer):
-    with server.channel() as channel:
-        yield channel
-
-
 def scrape(server: RunningServer, name: str, **labels: str) -> float | None:
     """The sum of a series' samples whose labels include `labels`, read from /metrics (None: absent)."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
