@@ -1,6 +1,6 @@
 """What measuring the quality labels adds to genserve-export, per model kind.
 
-    /work/quiet.sh .venv/bin/python -m benchmarks.quality_label_bench            # about a minute
+    .venv/bin/python -m benchmarks.quality_label_bench            # about a minute
     .venv/bin/python -m benchmarks.quality_label_bench --kinds vae,dcgan --samples 500
 
 For each kind: an untrained model on mnist-5k (the cost does not depend on training) is exported (after one

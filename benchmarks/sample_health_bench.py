@@ -1,6 +1,6 @@
 """What the sample-health metrics (serving/sample_health.py) cost per execution.
 
-    /work/quiet.sh .venv/bin/python -m benchmarks.sample_health_bench            # about a minute
+    .venv/bin/python -m benchmarks.sample_health_bench            # about a minute
     .venv/bin/python -m benchmarks.sample_health_bench --rounds 3 --seconds 0.5   # quicker
 
 For untrained generators of three sizes (export's own ONNX export; untrained weights cost the same

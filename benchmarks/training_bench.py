@@ -1,6 +1,6 @@
 """Training benchmark: images/s and seconds per epoch of every model kind, and where the time goes.
 
-    GENSERVE_DATA=/work/shared/data .venv/bin/python -m benchmarks.training_bench            # MNIST, 4096 images, 2 epochs
+    GENSERVE_DATA=../shared/data .venv/bin/python -m benchmarks.training_bench            # MNIST, 4096 images, 2 epochs
     .venv/bin/python -m benchmarks.training_bench --limit 1024 --kinds vae,gan --epochs 2
     .venv/bin/python -m benchmarks.training_bench --dataset mnist-5k   # the embedded digits, no data dir
 
