@@ -36,8 +36,14 @@ def link_tools(bin_dir: Path, tools: list[str]) -> str:
 
 
 def run_script(target: str, path: str, uid: int | None = None) -> subprocess.CompletedProcess:
+    """Run the script with PATH `path` (a restricted_path directory), as user `uid` if given. It runs
+    from a copy beside the tools: the checkout may be unreadable to another user (a mktemp -d clone)."""
     env = {"PATH": path, "PYTHON": "python3.11", "HOME": "/nonexistent"}
-    command = ["bash", str(SCRIPT), target]
+    script = Path(path) / SCRIPT.name
+    if not script.exists():
+        shutil.copyfile(SCRIPT, script)
+        script.chmod(0o644)
+    command = ["bash", str(script), target]
     if uid is not None:
         command = [shutil.which("setpriv") or "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
