@@ -4,8 +4,8 @@
     e.g. ... dcgan_sweep b64 5 batch_size=64 ; ... dcgan_sweep w128-b32 5 batch_size=32 base=128
 
 Keys: TrainConfig fields batch_size, lr, upsample, lr_schedule (JSON values); otherwise DCGAN class
-attributes (ema_decay, real_label, d_lr_scale, minibatch_std), base (both players' width) and dbase
-(the discriminator's width alone). Runs go to runs/dcgan-sweep/NAME (an existing one is resumed);
+attributes (ema_decay, real_label, d_lr_scale, minibatch_std), base (both players' width), dbase
+(the discriminator's width alone) and gbase (the generator's alone). Runs go to runs/dcgan-sweep/NAME (an existing one is resumed);
 the data from $GENSERVE_DATA. Prints fid_domain and seconds per epoch, and the final coverage.
 """
 import json
@@ -37,6 +37,17 @@ if "dbase" in cls_over:
         finally:
             self.channels = saved
     dc.DCGAN.build_discriminator = build_d
+if "gbase" in cls_over:
+    gbase = cls_over.pop("gbase")
+    original_build_g = dc.DCGAN.build_generator
+    def build_g(self):
+        saved = self.channels
+        self.channels = [c * gbase // dc.BASE_CHANNELS for c in saved]
+        try:
+            return original_build_g(self)
+        finally:
+            self.channels = saved
+    dc.DCGAN.build_generator = build_g
 for k, v in cls_over.items():
     setattr(dc.DCGAN, k, v)
 out = Path("runs/dcgan-sweep") / name

@@ -10,6 +10,9 @@ What runs (each server in its own subprocess, one at a time, in interleaved roun
   genserve     genserve-serve from this checkout with its defaults (batching, logging), on the CPU
                with 1 intra-op thread; clients call ModelInfer on `<model>.decoder`.
   genserve@... the same from --baseline-root (e.g. a checkout of an older commit), for before/after.
+  grpc-floor   benchmarks/grpc_floor_server.py: a bare grpc.aio server that answers ModelInfer with
+               zeros of the decoder's output shape and runs no model: what grpcio alone costs per
+               RPC of that size, the floor under any Python server's request path on this machine.
   mlserver     Seldon MLServer (mlserver==1.7.1 from the package registry, installed by this script
                into its own venv, --peer-venv, default runs/peer-venv) with an `mlserver.MLModel`
                runtime of our own (below) over onnxruntime with the same session options; in-process
@@ -99,6 +102,8 @@ class Result:
     p99_ms: float = float("nan")
     rows_per_execution: float = float("nan")
     load_avg: float = float("nan")
+    server_cpu_us: float = float("nan")  # the server process's CPU time (all threads) per OK request
+    client_cpu_us: float = float("nan")  # the load generator's (this process's) CPU time per OK request
 
     @property
     def per_s(self) -> float:
@@ -184,6 +189,21 @@ class Server:
         stop_process(self.process, self.log)
 
 
+def import_root(code_root: Path, shim: Path) -> Path:
+    """A folder from which `genserve.serving` and the rest import `code_root`'s copies: genserve
+    installs its folders under the `genserve` namespace, so an older checkout needs a `genserve/`
+    folder of links to its folders, first on PYTHONPATH (this checkout's own install comes later)."""
+    if code_root.resolve() == ROOT.resolve():
+        return ROOT
+    package = shim / "genserve"
+    package.mkdir(parents=True, exist_ok=True)
+    for folder in ("training", "export", "serving", "clients"):
+        link = package / folder
+        if not link.exists():
+            link.symlink_to(code_root.resolve() / folder)
+    return shim
+
+
 class GenserveServer(Server):
     def __init__(self, name: str, code_root: Path, repository: Path, workdir: Path):
         self.name = name
@@ -196,7 +216,8 @@ class GenserveServer(Server):
         }
         path = workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(code_root), os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(import_root(code_root, workdir / name)),
+                                                                        os.environ.get("PYTHONPATH")])))
         self.log = open(workdir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen([sys.executable, "-m", "genserve.serving.cli", "--config", str(path)],
                                         stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=code_root)
@@ -234,6 +255,21 @@ class MLServer(Server):
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         self.process = subprocess.Popen([str(mlserver), "start", str(folder)], stdout=self.log, stderr=subprocess.STDOUT,
                                         env=env, cwd=folder)
+        self.address = f"127.0.0.1:{port}"
+
+    def oip_name(self, model: str) -> str:
+        return f"{model}.decoder"
+
+
+class FloorServer(Server):
+    """benchmarks/grpc_floor_server.py: grpcio alone, answering zeros of the decoder's output shape."""
+
+    def __init__(self, name: str, repository: Path, workdir: Path):
+        self.name = name
+        port = free_port()
+        self.log = open(workdir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.grpc_floor_server", str(repository), str(port)],
+                                        stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.address = f"127.0.0.1:{port}"
 
     def oip_name(self, model: str) -> str:
@@ -302,16 +338,25 @@ async def closed_loop(server: Server, spec: CellSpec, duration: float, inputs: d
         await client.close()
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(server: Server, spec: CellSpec, duration: float, round_index: int, inputs: dict[str, tuple[str, int]]) -> Result:
     model = MODELS.get(spec.decoder, "")
     before = scrape_batch_sizes(server.metrics_url, model) if server.metrics_url and model else {}
+    server_cpu, client_cpu = process_cpu_seconds(server.process.pid), time.process_time()
     seconds, latencies, errors = asyncio.run(closed_loop(server, spec, duration, inputs))
+    server_cpu, client_cpu = process_cpu_seconds(server.process.pid) - server_cpu, time.process_time() - client_cpu
     per_execution = float("nan")
     if server.metrics_url and model:
         per_execution, _ = batch_summary(before, scrape_batch_sizes(server.metrics_url, model))
     p50, _, p99 = percentiles(latencies)
+    ok = max(1, len(latencies))
     return Result(server.name, spec.label, round_index, seconds, len(latencies), spec.rows, errors, p50, p99,
-                  per_execution, os.getloadavg()[0])
+                  per_execution, os.getloadavg()[0], 1e6 * server_cpu / ok, 1e6 * client_cpu / ok)
 
 
 def in_process(repository: Path, duration: float, round_index: int) -> list[Result]:
@@ -361,8 +406,15 @@ def best(results: list[Result], server: str, cell: str) -> float:
     return max(r.per_s for r in chosen)
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with padded columns."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(v.ljust(widths[i]) for i, v in enumerate(r)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
 def table(results: list[Result], servers: list[str]) -> str:
-    header = ["cell", "in-process limit", *servers, "genserve / limit", "genserve / best MLServer"]
+    header = ["cell", "in-process limit", *servers, "genserve / limit", "genserve / floor", "genserve / best MLServer"]
     rows = []
     for spec in CELLS:
         cell = spec.label
@@ -384,16 +436,33 @@ def table(results: list[Result], servers: list[str]) -> str:
         limit = best(results, "in-process", cell)
         peers = [best(results, s, cell) for s in servers if s.startswith("mlserver")]
         peers = [p for p in peers if p == p]
+        floor = best(results, "grpc-floor", cell)
         if spec.latency_cell:
             line.append("-" if limit != limit else f"+{genserve - limit:.2f} ms")
+            line.append("-" if floor != floor else f"+{genserve - floor:.2f} ms")
             line.append("-" if not peers else f"{min(peers) / genserve:.2f}x faster" if genserve else "-")
         else:
             line.append("-" if limit != limit else f"{genserve / limit:.2f}")
+            line.append("-" if floor != floor else f"{genserve / floor:.2f}")
             line.append("-" if not peers else f"{genserve / max(peers):.2f}x")
         rows.append(line)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(v.ljust(widths[i]) for i, v in enumerate(r)) + " |"  # noqa: E731
-    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+    return markdown(header, rows)
+
+
+def cpu_table(results: list[Result], servers: list[str]) -> str:
+    """CPU microseconds per request, server process / load generator: on a machine where both share
+    the cores, which one limits a cell (a server near one core's worth of its event loop, or the client)."""
+    header = ["cell (CPU us per request: server / client)", *servers]
+    rows = []
+    for spec in CELLS:
+        line = [spec.label]
+        for server in servers:
+            chosen = [r for r in results if r.server == server and r.cell == spec.label and r.ok]
+            line.append(f"{_span([r.server_cpu_us for r in chosen])} / {_span([r.client_cpu_us for r in chosen])}"
+                        if chosen else "-")
+        if any(v != "-" for v in line[1:]):
+            rows.append(line)
+    return markdown(header, rows)
 
 
 def targets(results: list[Result], servers: list[str]) -> list[str]:
@@ -425,6 +494,17 @@ def targets(results: list[Result], servers: list[str]) -> list[str]:
             if (ours > theirs) if spec.latency_cell else (ours < theirs):
                 behind.append(f"{spec.label} ({peer})")
     lines.append("ahead of MLServer in every cell: " + ("met" if not behind else "MISSED in " + "; ".join(behind)))
+    if "grpc-floor" in servers:  # the same figures for a server that runs nothing: how far below them grpcio alone is
+        floor_live = best(results, "grpc-floor", CellSpec("", 1, 64).label)
+        for decoder in MODELS:
+            single = best(results, "grpc-floor", CellSpec(decoder, 1, 64).label)
+            lines.append(f"grpc-floor: {decoder}, 1 sample at c=64 / its empty RPC: {single / floor_live:.2f}x")
+        for decoder in MODELS:
+            cell = CellSpec(decoder, 64, 4).label
+            lines.append(f"grpc-floor: {decoder}, 64 samples at c=4 / in-process: "
+                         f"{best(results, 'grpc-floor', cell) / best(results, 'in-process', cell):.2f}x (without running the model)")
+        for decoder in MODELS:
+            lines.append(f"grpc-floor: {decoder}, 1 sample at c=1, p50 {best(results, 'grpc-floor', CellSpec(decoder, 1, 1).label):.2f} ms")
     return [line for line in lines if "nan" not in line]  # cells not run (--only)
 
 
@@ -444,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, help="repository with mnist-vae and mnist-dense-vae (default: the test "
                    "suite's cached repository of tiny models, built on first use)")
     p.add_argument("--peer-venv", type=Path, default=ROOT / "runs" / "peer-venv", help="MLServer's venv (created when missing)")
-    p.add_argument("--servers", default="genserve,mlserver,mlserver-batch",
-                   help="which of genserve, mlserver, mlserver-batch (default all three)")
+    p.add_argument("--servers", default="genserve,grpc-floor,mlserver,mlserver-batch",
+                   help="which of genserve, grpc-floor, mlserver, mlserver-batch (default all four)")
     p.add_argument("--baseline-root", type=Path, help="also run genserve from this checkout (before/after)")
     p.add_argument("--mlserver-batch-time", type=float, default=0.001, help="max_batch_time of mlserver-batch (s)")
     p.add_argument("--only", help="run only the cells whose label contains one of these, comma-separated "
@@ -475,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
                     server: Server = GenserveServer(name, ROOT, repository, workdir)
                 elif name.startswith("genserve@"):
                     server = GenserveServer(name, args.baseline_root, repository, workdir)
+                elif name == "grpc-floor":
+                    server = FloorServer(name, repository, workdir)
                 else:
                     server = MLServer(name, mlserver, repository, workdir,
                                       args.mlserver_batch_time if name == "mlserver-batch" else None)
@@ -485,11 +567,14 @@ def main(argv: list[str] | None = None) -> int:
                         results.append(result)
                         print(f"  round {round_index} {name:16} {spec.label:38} {result.per_s:10,.0f}/s  "
                               f"p50 {result.p50_ms:.2f} ms  rows/exec {result.rows_per_execution:.1f}  "
+                              f"cpu/req server {result.server_cpu_us:,.0f} us client {result.client_cpu_us:,.0f} us  "
                               f"errors {result.errors or '-'}  load {result.load_avg:.2f}", flush=True)
                 finally:
                     server.stop()
     print()
     print(table(results, servers))
+    print()
+    print(cpu_table(results, servers))
     print()
     print(f"# load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("# targets (genserve issue 19):")
