@@ -120,7 +120,9 @@ class Limits:
     max_in_flight_request_bytes: int = 256 * MiB
     max_concurrent_calls: int = 1024  # calls in progress server-wide (gRPC maximum_concurrent_rpcs)
     max_streams_per_connection: int = 100  # HTTP/2 concurrent streams per connection (grpc.max_concurrent_streams)
-    receive_timeout_s: float = 30.0  # from a call's headers to its whole request message
+    # from a call's headers to its whole request message; 0: not policed (cheaper calls, behind a proxy
+    # that times requests out: serving/decoding.py)
+    receive_timeout_s: float = 30.0
     connection_idle_timeout_s: float = 300.0  # a connection without calls is closed after this (grpc.max_connection_idle_ms)
     # connections are asked to reconnect after max_connection_age_s (clients do so transparently);
     # calls still running then get connection_age_grace_s before the connection is closed
@@ -137,8 +139,8 @@ class Limits:
             if f.type in (int, "int"):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
-            else:
-                _positive(f"limits.{f.name}", value)
+            else:  # receive_timeout_s 0: unary methods stay unary (serving/decoding.py)
+                _positive(f"limits.{f.name}", value, allow_zero=f.name == "receive_timeout_s")
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """The gRPC server options these limits set."""

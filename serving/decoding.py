@@ -9,6 +9,12 @@ starts as soon as the call's headers arrive and reads the one request message it
  - turn a message protobuf cannot decode into INVALID_ARGUMENT naming the message type (grpc
    itself would answer UNKNOWN and log a traceback).
 Interceptors that come before it (the bearer-token check) still see only the headers.
+
+With `receive_timeout_s` 0 the methods stay unary: gRPC reads the message before the handler
+starts, which costs less per call (gRPC's request-streaming path is the dearer one; measured in
+docs/benchmarks.md), but a stalled or missing message is then not ended by the server (the call
+waits for the client's deadline): use it behind a proxy that times requests out. The budget and
+the decoding statuses still apply.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
     """Receives each unary request within a time limit and a memory budget (see the module doc)."""
 
     def __init__(self, receive_timeout_s: float, budget: RequestBudget):
+        """`receive_timeout_s` 0: keep unary methods unary (see the module doc)."""
         self.receive_timeout_s = receive_timeout_s
         self.budget = budget
         # method -> (its handler, the wrapped one): built once per method, not per call
@@ -115,7 +122,10 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         return cached[1]
 
     def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """`handler` served as a request-streaming method that reads its one message itself."""
+        """`handler` served as a request-streaming method that reads its one message itself, or with
+        receive_timeout_s 0, as a unary one whose message gRPC hands over decoded (or with its status)."""
+        if not self.receive_timeout_s:
+            return self._wrap_unary(handler)
         inner = handler.unary_unary or handler.unary_stream
         receive, budget = self._receive, self.budget
 
@@ -148,6 +158,42 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
             make, behavior = grpc.stream_unary_rpc_method_handler, unary
         else:
             make, behavior = grpc.stream_stream_rpc_method_handler, streaming if inspect.isasyncgenfunction(inner) else unary
+        return make(
+            behavior,
+            request_deserializer=self._deserializer(handler.request_deserializer, _message_name(handler.request_deserializer)),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_unary(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` kept unary: its message arrives as a _Received from the deserializer. gRPC calls
+        the handler right after decoding (no await between), so what the message reserved is released."""
+        inner = handler.unary_unary or handler.unary_stream
+        budget = self.budget
+
+        async def unary(received: _Received, context: grpc.aio.ServicerContext):
+            try:
+                if received.status is not None:
+                    return end_call(context, received.status, received.details)
+                request, received.message = received.message, None
+                return await inner(request, context)
+            finally:
+                budget.release(received.size)
+
+        async def streaming(received: _Received, context: grpc.aio.ServicerContext):
+            try:
+                if received.status is not None:
+                    end_call(context, received.status, received.details)
+                    return
+                request, received.message = received.message, None
+                async for response in inner(request, context):
+                    yield response
+            finally:
+                budget.release(received.size)
+
+        if not handler.response_streaming:
+            make, behavior = grpc.unary_unary_rpc_method_handler, unary
+        else:
+            make, behavior = grpc.unary_stream_rpc_method_handler, streaming if inspect.isasyncgenfunction(inner) else unary
         return make(
             behavior,
             request_deserializer=self._deserializer(handler.request_deserializer, _message_name(handler.request_deserializer)),

@@ -214,7 +214,8 @@ class GenserveServer:
         """The gRPC server with its interceptors (bearer token first, then request decoding) and limits."""
         limits = self.config.limits
         interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(token, self.metrics)] if token else []
-        interceptors.append(RequestDecodingInterceptor(limits.receive_timeout_s, RequestBudget(limits.max_in_flight_request_bytes)))
+        self.request_budget = RequestBudget(limits.max_in_flight_request_bytes)
+        interceptors.append(RequestDecodingInterceptor(limits.receive_timeout_s, self.request_budget))
         return grpc.aio.server(
             interceptors=interceptors,
             options=[*limits.grpc_options(), ("grpc.so_reuseport", int(self.group is not None))],

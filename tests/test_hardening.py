@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import RunningServer, hpack_literal, http2_frame, server_config, wait_until
 from onnx import TensorProto, helper
 from PIL import Image
@@ -290,8 +291,9 @@ def test_request_bytes_in_flight_have_a_budget() -> None:
     assert budget.reserve(10) and budget.used_bytes == 10
 
 
-def test_over_budget_requests_get_resource_exhausted(repo: Repository) -> None:
-    server = start(repo, limits={"max_in_flight_request_bytes": 1 * MiB})
+@pytest.mark.parametrize("receive_timeout_s", [30.0, 0.0])  # 0: unary methods stay unary (decoding.py)
+def test_over_budget_and_undecodable_requests_get_clear_statuses(repo: Repository, receive_timeout_s: float) -> None:
+    server = start(repo, limits={"max_in_flight_request_bytes": 1 * MiB, "receive_timeout_s": receive_timeout_s})
     try:
         with server.channel() as channel:
             stub = genserve_pb2_grpc.GenserveStub(channel)
@@ -299,10 +301,32 @@ def test_over_budget_requests_get_resource_exhausted(repo: Repository) -> None:
                 dtype=pb.DATA_TYPE_UINT8, shape=[2 * MiB], data=bytes(2 * MiB))))
             error = rpc_error(stub.Encode, big, timeout=10)
             assert error.code() == Code.RESOURCE_EXHAUSTED and "max_in_flight_request_bytes" in error.details()
+            raw = channel.unary_unary("/genserve.v1.Genserve/Generate", request_serializer=lambda m: m,
+                                      response_deserializer=pb.GenerateResponse.FromString)
+            error = rpc_error(raw, b"\xff\xff\xff", timeout=10)  # not a protobuf message
+            assert error.code() == Code.INVALID_ARGUMENT and "not a valid genserve.v1.GenerateRequest" in error.details()
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # a response-streaming method
+            watch.cancel()
             assert stub.Generate(pb.GenerateRequest(model=GOOD, count=1), timeout=10).model.version == 1
         assert server.server.state.in_flight == 0
+        assert server.server.request_budget.used_bytes == 0  # every reservation released
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(("receive_timeout_s", "streaming"), [(30.0, True), (0.0, False)])
+def test_unary_methods_are_served_as_streaming_only_while_their_message_is_timed(receive_timeout_s, streaming) -> None:
+    from genserve.serving.decoding import RequestBudget, RequestDecodingInterceptor
+
+    async def body(request, context):
+        return request
+
+    handler = grpc.unary_unary_rpc_method_handler(body, request_deserializer=pb.GenerateRequest.FromString)
+    wrapped = RequestDecodingInterceptor(receive_timeout_s, RequestBudget(1 << 20))._wrap(handler)
+    assert wrapped.request_streaming is streaming and not wrapped.response_streaming
+    received = wrapped.request_deserializer(b"\xff")
+    assert received.status == Code.INVALID_ARGUMENT and received.size == 1
 
 
 def test_metrics_endpoint_asks_for_the_token_and_times_out_slow_clients(repo: Repository) -> None:
