@@ -10,6 +10,8 @@ What runs (each server in its own subprocess, one at a time, in interleaved roun
   genserve     genserve-serve from this checkout with its defaults (batching, logging), on the CPU
                with 1 intra-op thread; clients call ModelInfer on `<model>.decoder`.
   genserve@... the same from --baseline-root (e.g. a checkout of an older commit), for before/after.
+  genserve-unpoliced  the same with `limits.receive_timeout_s: 0`: unary methods stay unary in
+               gRPC (no policing of stalled or missing request messages; serving/decoding.py).
   grpc-floor   benchmarks/grpc_floor_server.py: a bare grpc.aio server that answers ModelInfer with
                zeros of the decoder's output shape and runs no model: what grpcio alone costs per
                RPC of that size, the floor under any Python server's request path on this machine.
@@ -205,13 +207,13 @@ def import_root(code_root: Path, shim: Path) -> Path:
 
 
 class GenserveServer(Server):
-    def __init__(self, name: str, code_root: Path, repository: Path, workdir: Path):
+    def __init__(self, name: str, code_root: Path, repository: Path, workdir: Path, limits: dict[str, float] | None = None):
         self.name = name
         port, metrics_port = free_port(), free_port()
         config = {  # the server's defaults, but for the CPU, one intra-op thread and room for big requests
             "repository": str(repository), "host": "127.0.0.1", "port": port, "metrics_port": metrics_port,
             "poll_interval_s": 0, "grace_period_s": 1.0,
-            "limits": {"max_samples_per_request": 1024, "max_images_per_request": 1024},
+            "limits": {"max_samples_per_request": 1024, "max_images_per_request": 1024, **(limits or {})},
             "defaults": {"intra_op_threads": 1, "execution_provider": "cpu", "max_queue_size": 1024},
         }
         path = workdir / f"{name}.yaml"
@@ -525,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
                    "suite's cached repository of tiny models, built on first use)")
     p.add_argument("--peer-venv", type=Path, default=ROOT / "runs" / "peer-venv", help="MLServer's venv (created when missing)")
     p.add_argument("--servers", default="genserve,grpc-floor,mlserver,mlserver-batch",
-                   help="which of genserve, grpc-floor, mlserver, mlserver-batch (default all four)")
+                   help="which of genserve, genserve-unpoliced, grpc-floor, mlserver, mlserver-batch "
+                   "(default: all but genserve-unpoliced)")
     p.add_argument("--baseline-root", type=Path, help="also run genserve from this checkout (before/after)")
     p.add_argument("--mlserver-batch-time", type=float, default=0.001, help="max_batch_time of mlserver-batch (s)")
     p.add_argument("--only", help="run only the cells whose label contains one of these, comma-separated "
@@ -555,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
                     server: Server = GenserveServer(name, ROOT, repository, workdir)
                 elif name.startswith("genserve@"):
                     server = GenserveServer(name, args.baseline_root, repository, workdir)
+                elif name == "genserve-unpoliced":
+                    server = GenserveServer(name, ROOT, repository, workdir, limits={"receive_timeout_s": 0})
                 elif name == "grpc-floor":
                     server = FloorServer(name, repository, workdir)
                 else:
