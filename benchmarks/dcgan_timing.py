@@ -1,6 +1,6 @@
 """Images/s of DCGAN training steps for layer widths and batch sizes, interleaved rounds (docs/results.md).
 
-    .venv/bin/python -m benchmarks.dcgan_timing [THREADS]
+    .venv/bin/python -m benchmarks.dcgan_timing [THREADS [ROUNDS]]
 """
 import contextlib
 import sys
@@ -8,24 +8,25 @@ import time
 
 import torch
 
-import genserve.training.models.dcgan as dc
 from genserve.training.config import TrainConfig
 from genserve.training.models import Batch, StepContext, build_model
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-variants = [(64, 64), (96, 32), (128, 32), (128, 64)]
+# (D's base channels, batch size, G's width over D's): the default, G twice D
+# (--dcgan-generator-width 2), and G and D at 128 with batch 32
+variants = [(64, 64, 1), (64, 64, 2), (128, 32, 1)]
 models = {}
-for base, bs in variants:
-    dc.BASE_CHANNELS = base
+for base, bs, g_width in variants:
     torch.manual_seed(0)
-    m = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan", batch_size=bs)).to(memory_format=torch.channels_last)
-    models[(base, bs)] = (m, m.configure_optimizers())
-dc.BASE_CHANNELS = 64
+    m = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan", batch_size=bs, dcgan_base_channels=base,
+                                                      dcgan_generator_width=g_width))
+    m = m.to(memory_format=torch.channels_last)
+    models[(base, bs, g_width)] = (m, m.configure_optimizers())
 images = torch.rand(64, 1, 28, 28).contiguous(memory_format=torch.channels_last)
 res = {v: [] for v in variants}
-for _round in range(2):
-    for (base, bs) in variants:
-        m, opt = models[(base, bs)]
+for _round in range(int(sys.argv[2]) if len(sys.argv) > 2 else 2):
+    for (base, bs, g_width) in variants:
+        m, opt = models[(base, bs, g_width)]
         x = images[:bs]
         n = 3072 // bs
         for s in range(3):
@@ -33,6 +34,6 @@ for _round in range(2):
         t = time.perf_counter()
         for s in range(n):
             m.train_step(Batch(x, x), opt, StepContext(s, 0.0, contextlib.nullcontext))
-        res[(base, bs)].append(n * bs / (time.perf_counter() - t))
+        res[(base, bs, g_width)].append(n * bs / (time.perf_counter() - t))
 for v, r in res.items():
-    print(f"base {v[0]:3d} batch {v[1]:3d}: {', '.join(f'{x:.0f}' for x in r)} img/s")
+    print(f"D base {v[0]:3d}, G {v[2]}x D, batch {v[1]:3d}: {', '.join(f'{x:.0f}' for x in r)} img/s")

@@ -154,6 +154,11 @@ def test_dcgan_width_comes_from_the_config() -> None:
     # 28 px: G 7x7 -> 14x14 -> 28x28, D mirrors it; every hidden width doubles with the base.
     assert conv_channels(default.generator) == [128, 64, 1] and conv_channels(default.discriminator) == [64, 128, 1]
     assert conv_channels(wide.generator) == [256, 128, 1] and conv_channels(wide.discriminator) == [128, 256, 1]
+    # dcgan_generator_width: G alone wider, D unchanged
+    wide_g = build_model("dcgan", (1, 28, 28), TrainConfig(model="dcgan", dcgan_generator_width=2))
+    assert conv_channels(wide_g.generator) == [256, 128, 1] and conv_channels(wide_g.discriminator) == [64, 128, 1]
+    with pytest.raises(ValueError, match="dcgan_generator_width must be at least 1"):
+        TrainConfig(model="dcgan", dcgan_generator_width=0).validate()
     with pytest.raises(ValueError, match="dcgan_base_channels must be at least 1"):
         TrainConfig(model="dcgan", dcgan_base_channels=0).validate()
 
