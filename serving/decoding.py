@@ -56,7 +56,6 @@ class _Received:
         self.message, self.status, self.details, self.size = message, status, details, size
 
 
-_NOTHING = _Received(None)  # before the message arrives: nothing reserved
 
 
 def _message_name(deserializer: Callable[[bytes], Any]) -> str:
@@ -124,15 +123,36 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """`handler` served as a request-streaming method that reads its one message itself, or with
         receive_timeout_s 0, as a unary one whose message gRPC hands over decoded (or with its status)."""
+        on_message, on_message_streaming = self._behaviors(handler)
+        deserializer = self._deserializer(handler.request_deserializer, _message_name(handler.request_deserializer))
+        streams = handler.response_streaming and inspect.isasyncgenfunction(handler.unary_stream)
         if not self.receive_timeout_s:
-            return self._wrap_unary(handler)
-        inner = handler.unary_unary or handler.unary_stream
-        receive, budget = self._receive, self.budget
+            make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+            return make(on_message_streaming if streams else on_message,
+                        request_deserializer=deserializer, response_serializer=handler.response_serializer)
+        receive = self._receive
 
         async def unary(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
-            received = _NOTHING
+            return await on_message(await receive(requests, context), context)
+
+        async def streaming(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
+            async for response in on_message_streaming(await receive(requests, context), context):
+                yield response
+
+        # the handler keeps its response kind; a response-streaming one may yield or use context.write
+        make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
+        return make(streaming if streams else unary, request_deserializer=deserializer,
+                    response_serializer=handler.response_serializer)
+
+    def _behaviors(self, handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        """The handler run on a _Received (its message, or the status to end the call with), for a
+        single response and for yielded responses; either releases what the message reserved. gRPC
+        calls them right after decoding (no await between), so no reservation can be lost."""
+        inner = handler.unary_unary or handler.unary_stream
+        budget = self.budget
+
+        async def on_message(received: _Received, context: grpc.aio.ServicerContext):
             try:
-                received = await receive(requests, context)
                 if received.status is not None:
                     return end_call(context, received.status, received.details)
                 request, received.message = received.message, None
@@ -140,46 +160,7 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 budget.release(received.size)
 
-        async def streaming(requests: AsyncIterator[_Received], context: grpc.aio.ServicerContext):
-            received = _NOTHING
-            try:
-                received = await receive(requests, context)
-                if received.status is not None:
-                    end_call(context, received.status, received.details)
-                    return
-                request, received.message = received.message, None
-                async for response in inner(request, context):
-                    yield response
-            finally:
-                budget.release(received.size)
-
-        # the handler keeps its response kind; a response-streaming one may yield or use context.write
-        if not handler.response_streaming:
-            make, behavior = grpc.stream_unary_rpc_method_handler, unary
-        else:
-            make, behavior = grpc.stream_stream_rpc_method_handler, streaming if inspect.isasyncgenfunction(inner) else unary
-        return make(
-            behavior,
-            request_deserializer=self._deserializer(handler.request_deserializer, _message_name(handler.request_deserializer)),
-            response_serializer=handler.response_serializer,
-        )
-
-    def _wrap_unary(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """`handler` kept unary: its message arrives as a _Received from the deserializer. gRPC calls
-        the handler right after decoding (no await between), so what the message reserved is released."""
-        inner = handler.unary_unary or handler.unary_stream
-        budget = self.budget
-
-        async def unary(received: _Received, context: grpc.aio.ServicerContext):
-            try:
-                if received.status is not None:
-                    return end_call(context, received.status, received.details)
-                request, received.message = received.message, None
-                return await inner(request, context)
-            finally:
-                budget.release(received.size)
-
-        async def streaming(received: _Received, context: grpc.aio.ServicerContext):
+        async def on_message_streaming(received: _Received, context: grpc.aio.ServicerContext):
             try:
                 if received.status is not None:
                     end_call(context, received.status, received.details)
@@ -190,12 +171,4 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 budget.release(received.size)
 
-        if not handler.response_streaming:
-            make, behavior = grpc.unary_unary_rpc_method_handler, unary
-        else:
-            make, behavior = grpc.unary_stream_rpc_method_handler, streaming if inspect.isasyncgenfunction(inner) else unary
-        return make(
-            behavior,
-            request_deserializer=self._deserializer(handler.request_deserializer, _message_name(handler.request_deserializer)),
-            response_serializer=handler.response_serializer,
-        )
+        return on_message, on_message_streaming
