@@ -119,7 +119,11 @@ class Limits:
     # bytes of request messages held at once across all calls (RESOURCE_EXHAUSTED beyond)
     max_in_flight_request_bytes: int = 256 * MiB
     max_concurrent_calls: int = 1024  # calls in progress server-wide (gRPC maximum_concurrent_rpcs)
-    max_streams_per_connection: int = 100  # HTTP/2 concurrent streams per connection (grpc.max_concurrent_streams)
+    # HTTP/2 concurrent streams per connection (grpc.max_concurrent_streams). gRPC counts a stream until
+    # the server has freed its call, which under load lags the response, and refuses streams beyond the
+    # limit (REFUSED_STREAM: UNAVAILABLE): at 100, a client with 64 calls in flight on a busy 2-core
+    # server lost 1-2 % of them (docs/benchmarks.md). So one connection may use every call slot.
+    max_streams_per_connection: int = 1024
     # from a call's headers to its whole request message; 0: not policed (cheaper calls, behind a proxy
     # that times requests out: serving/decoding.py)
     receive_timeout_s: float = 30.0

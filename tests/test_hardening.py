@@ -282,6 +282,40 @@ def test_stalled_and_empty_requests_are_ended_and_idle_connections_closed(repo: 
         server.stop()
 
 
+def _advertised_settings(port: int) -> dict[int, int]:
+    """The server's first SETTINGS frame on a fresh raw HTTP/2 connection: {identifier: value}."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + http2_frame(0x4, 0, 0, b""))
+        buffer = b""
+        while True:
+            while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+                length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+                payload, buffer = buffer[9:9 + length], buffer[9 + length:]
+                if kind == 0x4 and not flags & 0x1:  # SETTINGS, not an ACK: 6-byte (id, value) pairs
+                    return {int.from_bytes(payload[i:i + 2], "big"): int.from_bytes(payload[i + 2:i + 6], "big")
+                            for i in range(0, len(payload), 6)}
+            chunk = sock.recv(1 << 16)
+            assert chunk, "the server closed the connection before its SETTINGS"
+            buffer += chunk
+
+
+@pytest.mark.parametrize("limits", [{}, {"max_streams_per_connection": 8}], ids=["default", "8"])
+def test_the_stream_limit_is_advertised_and_by_default_leaves_one_connection_every_call_slot(
+        repo: Repository, limits: dict) -> None:
+    """gRPC counts a stream until the server has freed its call, after the response, so a limit near
+    a client's concurrency refuses some of its calls under load (REFUSED_STREAM, docs/benchmarks.md):
+    the default lets one connection hold as many streams as the server has call slots."""
+    server = start(repo, limits=limits)
+    try:
+        max_concurrent_streams = _advertised_settings(server.server.port).get(0x3)
+        configured = Limits(**limits)
+        assert max_concurrent_streams == configured.max_streams_per_connection
+        if not limits:
+            assert max_concurrent_streams >= configured.max_concurrent_calls
+    finally:
+        server.stop()
+
+
 def test_request_bytes_in_flight_have_a_budget() -> None:
     from genserve.serving.decoding import RequestBudget
 
