@@ -152,6 +152,11 @@ class GenserveClient:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            # While a channel cannot connect, its calls fail at once with UNAVAILABLE until its next
+            # connection attempt: gRPC's own backoff (1 s, growing 1.6x to 120 s) would let every retry
+            # below fail against a server that is back. The channel tries as often as the calls retry.
+            ("grpc.initial_reconnect_backoff_ms", max(1, int(backoff_s * 1000))),
+            ("grpc.max_reconnect_backoff_ms", max(1, int(max_backoff_s * 1000))),
         ]
         credentials = None
         if tls or root_certificates is not None or client_certificate is not None:

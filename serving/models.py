@@ -79,6 +79,9 @@ class ModelManager:
         # version (what is loaded keeps its state and keeps serving)
         self._repository_error: str | None = None
         self.ready = False
+        # the initial load's names not yet tried: a call for one is told to retry (UNAVAILABLE), not
+        # that the model does not exist (None: the repository has not been listed yet)
+        self._initial_queue: set[str] | None = None
         self.group: WorkerGroup | None = None  # the other workers, when this is one of several
 
     # --- states ---------------------------------------------------------------------------------
@@ -132,6 +135,9 @@ class ModelManager:
             states = self._states(name)
             if states.in_state(State.LOADING):
                 raise Unavailable(f"model {name!r} is loading; retry shortly")
+            if not self.ready and (self._initial_queue is None or name in self._initial_queue):
+                raise Unavailable(f"the server is still loading its models ({len(self.loaded())} loaded so far); "
+                                  "retry shortly")
             if states.unloaded:
                 raise NotFound(f"model {name!r} is unloaded; load it with RepositoryModelLoad")
             failed = states.in_state(State.UNAVAILABLE)
@@ -219,8 +225,12 @@ class ModelManager:
             self.metrics.repository_errors.inc()
             self._repository_error = str(error)
             names = []
+        self._initial_queue = set(names)
         for name in names:
-            await self._load_newest_servable(name)
+            try:
+                await self._load_newest_servable(name)
+            finally:
+                self._initial_queue.discard(name)
         self.ready = True
 
     async def _load_newest_servable(self, name: str) -> None:

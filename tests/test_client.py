@@ -135,6 +135,26 @@ def test_retries_while_unavailable_then_succeeds(repo_root: Path) -> None:
         server.stop()
 
 
+def test_a_server_that_comes_back_is_reached_within_the_clients_backoff(repo_root: Path) -> None:
+    """After seconds of failed connections gRPC's own reconnect backoff has grown past them (1 s,
+    1.6 s, 2.6 s, ...), and calls fail at once until its next attempt; the client's channel tries as
+    often as its calls retry, so a server that is back is reached within max_backoff_s."""
+    port = _free_port()
+    server = RunningServer(server_config(repo_root, port=port, metrics_port=None))
+    with GenserveClient(f"127.0.0.1:{port}", timeout=0.3, retries=100, backoff_s=0.05, max_backoff_s=0.2) as client:
+        failing_until = time.monotonic() + 3.0
+        while time.monotonic() < failing_until:  # the channel fails to connect for 3 s
+            with pytest.raises(GenserveError) as info:
+                client.models()
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        server.start()
+        try:
+            client.timeout = 1.0  # gRPC's next attempt after 3 s of failures would come 1.6-2.7 s later
+            assert "mnist-gan" in [m.name for m in client.models()]
+        finally:
+            server.stop()
+
+
 def test_deadline_and_token(repo_root: Path) -> None:
     config = server_config(repo_root, metrics_port=None, auth_token="tok",
                            models={"mnist-vae": {"max_queue_delay_us": 2_000_000, "batching_policy": "fixed"}})

@@ -282,6 +282,44 @@ def test_batching_off_and_no_memory_arena_give_the_same_images(repo: Repository)
     assert outputs["lean"] == outputs["default"]
 
 
+def test_models_waiting_for_the_initial_load_are_retryable_not_missing(
+        repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server listens (health NOT_SERVING) while it loads the repository, one model at a time.
+    A call for a model still waiting its turn gets UNAVAILABLE, which clients retry, not NOT_FOUND;
+    a name the repository does not have is NOT_FOUND at once."""
+    gate = threading.Event()
+    verify = Repository.verify
+
+    def gated_verify(self: Repository, name: str, version: int) -> Manifest:
+        if name == "mnist-ae":  # the first of the three names: the other two wait behind it
+            gate.wait(30)
+        return verify(self, name, version)
+
+    monkeypatch.setattr(Repository, "verify", gated_verify)
+    server = RunningServer(server_config(repo.root)).start(wait=False)
+    try:
+        wait_until(lambda: server.server._listening and server.server.manager._initial_queue is not None,
+                   what="the server to listen and list its models")
+        genserve = genserve_pb2_grpc.GenserveStub(server.channel())
+
+        def status(model: str) -> tuple[grpc.StatusCode, str]:
+            with pytest.raises(grpc.RpcError) as info:
+                genserve.Generate(pb.GenerateRequest(model=model, count=1), timeout=10)
+            return info.value.code(), info.value.details()
+
+        assert status("mnist-ae") == (Code.UNAVAILABLE, "model 'mnist-ae' is loading; retry shortly")
+        for waiting in ("mnist-gan", "mnist-vae"):
+            assert status(waiting) == (Code.UNAVAILABLE, "the server is still loading its models (0 loaded so far); "
+                                                         "retry shortly")
+        assert status("nope") == (Code.NOT_FOUND, "no model 'nope' is loaded (loaded models: none)")
+        gate.set()
+        server.wait_started(60)
+        assert genserve.Generate(pb.GenerateRequest(model="mnist-gan", count=1), timeout=10).model.version == 1
+    finally:
+        gate.set()
+        server.stop()
+
+
 def test_each_state_says_why_a_model_does_not_serve(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
     """The "why not" of every state a version can be in, as RepositoryIndex and a request see it:
     unloaded, LOADING (retry shortly), refused (and nothing else to serve), never tried, unknown names."""
