@@ -216,6 +216,12 @@ class ModelManager:
     async def _in_loader(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._loader, functools.partial(fn, *args, **kwargs))
 
+    @staticmethod
+    async def _in_reader(fn, *args, **kwargs):
+        """Blocking reads of the repository that must not queue behind a load (which can take
+        seconds) on the loader thread: RepositoryIndex answers while a model loads."""
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
     async def load_all(self) -> None:
         """Load the newest valid version of every model in the repository (the initial load)."""
         try:
@@ -464,7 +470,7 @@ class ModelManager:
 
     async def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model in the repository (and every loaded one) with its versions' states."""
-        scanned = await self._in_loader(self._scan)
+        scanned = await self._in_reader(self._scan)
         entries = []
         served = {name for name, states in self._models.items() if states.ready() or states.in_state(State.UNLOADING)}
         for name in sorted(set(scanned) | served):
@@ -482,13 +488,13 @@ class ModelManager:
                 if record.state is State.UNLOADING:
                     entries.append(IndexEntry(name, version, record.state.value, parts=tuple(record.loaded.graphs)))
                 elif record.state is not State.READY:
-                    parts = await self._in_loader(self._parts, name, version)
+                    parts = await self._in_reader(self._parts, name, version)
                     entries.append(IndexEntry(name, version, record.state.value, record.reason, parts))
             # say why nothing serves, unless a LOADING or refused version above says it
             quiet = not loaded and not states.in_state(State.LOADING)
             if quiet and (states.unloaded or not states.in_state(State.UNAVAILABLE)):
                 latest = scanned.get(name)
-                parts = await self._in_loader(self._parts, name, latest)
+                parts = await self._in_reader(self._parts, name, latest)
                 reason = "unloaded" if states.unloaded else "not loaded"
                 entries.append(IndexEntry(name, latest, State.UNAVAILABLE.value, reason, parts))
         return entries

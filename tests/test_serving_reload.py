@@ -342,7 +342,6 @@ def test_each_state_says_why_a_model_does_not_serve(repo: Repository, monkeypatc
         monkeypatch.setattr(Repository, "verify", gated_verify)
         loading = asyncio.run_coroutine_threadsafe(server.server.manager.load("mnist-ae", explicit=True), server.loop)
         try:
-            # (RepositoryIndex would wait here: its scan queues behind the load on the loader thread)
             def refusal() -> grpc.RpcError:
                 try:
                     genserve.Generate(pb.GenerateRequest(model="mnist-ae", latents=z))
@@ -352,6 +351,10 @@ def test_each_state_says_why_a_model_does_not_serve(repo: Repository, monkeypatc
 
             error = wait_until(lambda: (e := refusal()).code() == Code.UNAVAILABLE and e, what="mnist-ae to be loading")
             assert "model 'mnist-ae' is loading; retry shortly" in error.details()
+            # RepositoryIndex answers while the load is held (its reads do not queue behind the load)
+            during = {(m.name, m.version): m.state for m in inference.RepositoryIndex(
+                ip.RepositoryIndexRequest(), timeout=10).models}
+            assert during["mnist-ae.decoder", "1"] == "LOADING" and during["mnist-vae.decoder", "1"] == "READY"
         finally:
             gate.set()
         assert loading.result(60).version == 1
