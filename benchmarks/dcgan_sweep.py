@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.dcgan_sweep NAME EPOCHS key=value ...
     e.g. ... dcgan_sweep b64 5 batch_size=64 ; ... dcgan_sweep w128-b32 5 batch_size=32 base=128
 
-Keys: TrainConfig fields batch_size, lr, upsample, lr_schedule (JSON values); otherwise DCGAN class
+Keys: TrainConfig fields batch_size, lr, upsample, lr_schedule, seed (JSON values); otherwise DCGAN class
 attributes (ema_decay, real_label, d_lr_scale, minibatch_std), base (both players' width), dbase
 (the discriminator's width alone) and gbase (the generator's alone). Runs go to runs/dcgan-sweep/NAME (an existing one is resumed);
 the data from $GENSERVE_DATA. Prints fid_domain and seconds per epoch, and the final coverage.
@@ -23,7 +23,7 @@ cfg_over, cls_over = {}, {}
 for p in pairs:
     k, v = p.split("=")
     v = json.loads(v) if v not in ("None",) else None
-    (cfg_over if k in ("batch_size", "lr", "upsample", "lr_schedule") else cls_over)[k] = v
+    (cfg_over if k in ("batch_size", "lr", "upsample", "lr_schedule", "seed") else cls_over)[k] = v
 if "base" in cls_over:
     dc.BASE_CHANNELS = cls_over.pop("base")
 if "dbase" in cls_over:

@@ -28,7 +28,7 @@ OPTIONS: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
     "out": ("run", "run directory", None),
     "epochs": ("run", "epochs to train (with --resume: the new total)", None),
     "batch_size": ("run", "batch size (default per model: 128; 64 for dcgan)", None),
-    "lr": ("run", "Adam learning rate (default per model: 1e-3; 2e-4 for GANs)", None),
+    "lr": ("run", "Adam learning rate (default per model: 1e-3; 2e-4 for GANs, 6e-4 for dcgan)", None),
     "lr_schedule": ("run", "default per model: cosine; constant for GANs and most presets", ("cosine", "constant")),
     "adam_beta1": ("run", "Adam beta1 (default per model: 0.9; 0.5 for GANs)", None),
     "latent_dim": ("run", "latent size (default per model)", None),
