@@ -84,14 +84,19 @@ def figures(final: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_cell(cell: Cell, root: Path, data_dir: str | None) -> dict[str, Any]:
+def run_cell(cell: Cell, root: Path, data_dir: str | None, rerun: bool = False) -> dict[str, Any]:
     from genserve.training.config import TrainConfig
     from genserve.training.trainer import train
 
     run_dir = root / cell.name
+    if rerun and run_dir.exists():  # kept beside, not deleted: its pictures and figures stay comparable
+        kept = run_dir.with_name(f"{cell.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(kept)
+        print(f"# {cell.name}: the earlier run moved to {kept}", flush=True)
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file() and json.loads(metrics_path.read_text()).get("final"):
-        print(f"# {cell.name}: reading the finished run in {run_dir}", flush=True)
+        print(f"# {cell.name}: reading the finished run in {run_dir} (trained by earlier code, perhaps: "
+              "--rerun trains it again)", flush=True)
     else:
         config = TrainConfig(model=cell.model, dataset=cell.dataset, data_dir=data_dir, out=str(run_dir),
                              epochs=cell.epochs, **cell.options)
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", default="main", help="main | presets | datasets | long | all (default main)")
     p.add_argument("--only", help="comma-separated cell names (overrides --group)")
     p.add_argument("--data-dir", default=os.environ.get("GENSERVE_DATA"), help="default $GENSERVE_DATA")
+    p.add_argument("--rerun", action="store_true", help="train the cells again (an existing run directory is "
+                   "moved to CELL.before-TIMESTAMP); without it a finished run is read, and an unfinished one resumed")
     args = p.parse_args(argv)
     names = {c.name for c in CELLS}
     if args.only:
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [c for c in CELLS if c.group == args.group]
         if not cells:
             p.error(f"unknown group {args.group!r}; choose main, presets, datasets, long or all")
-    rows = [run_cell(cell, args.out, args.data_dir) for cell in cells]
+    rows = [run_cell(cell, args.out, args.data_dir, args.rerun) for cell in cells]
     results_path = args.out / "quality.json"
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     previous.update({r["cell"]: r for r in rows})
