@@ -56,8 +56,6 @@ class _Received:
         self.message, self.status, self.details, self.size = message, status, details, size
 
 
-
-
 def _message_name(deserializer: Callable[[bytes], Any]) -> str:
     owner = getattr(deserializer, "__self__", None)  # FromString is bound to the message class
     descriptor = getattr(owner, "DESCRIPTOR", None)

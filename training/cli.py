@@ -48,10 +48,11 @@ OPTIONS: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
     "balance": ("adversarial", "GANs: skip the update of a player far ahead (default per model: on for gan-balanced)", None),
     "upsample": ("adversarial", "DCGAN generator upsampling", ("transposed", "resize")),
     "dcgan_base_channels": ("adversarial", "DCGAN width: G's last and D's first hidden channels, doubling per layer "
-                      "(default 64; 128 with --batch-size 32 reached fid_domain 21.9 in 5 MNIST epochs, at about "
-                      "2.7x the time per epoch: docs/results.md)", None),
-    "dcgan_generator_width": ("adversarial", "DCGAN: G's channels over D's (default 1; 2 reached fid_domain 25.5 "
-                      "against 28.2 in 5 MNIST epochs, at about 1.6x the time per epoch: docs/results.md)", None),
+                      "(default 64; at the old 2e-4 learning rate, 128 with --batch-size 32 reached fid_domain 21.9 "
+                      "in 5 MNIST epochs against 28.2, at about 2.7x the time per epoch: docs/results.md)", None),
+    "dcgan_generator_width": ("adversarial", "DCGAN: G's channels over D's (default 1; at the old 2e-4 learning rate, "
+                      "2 reached fid_domain 25.5 against 28.2 in 5 MNIST epochs, at about 1.6x the time per epoch: "
+                      "docs/results.md)", None),
     "prior": ("adversarial", "AAE prior", ("gaussian", "uniform", "mixture")),
     "prior_std": ("adversarial", "AAE Gaussian prior std", None),
     "supervised_prior": ("adversarial", "AAE: tie mixture components to labels", None),

@@ -42,7 +42,7 @@ class TrainConfig:
     balance: bool | None = None  # skip the update of a player far ahead; None: the kind's default
     upsample: str = "transposed"  # transposed | resize
     dcgan_base_channels: int | None = None  # DCGAN width (ngf = ndf); None: 64
-    dcgan_generator_width: int = 1  # DCGAN: G's channels over D's (2: better samples at about 1.6x the time)
+    dcgan_generator_width: int = 1  # DCGAN: G's channels over D's (2: about 1.6x the time per epoch)
     prior: str = "gaussian"  # aae prior: gaussian | uniform | mixture
     prior_std: float = 5.0
     supervised_prior: bool = False
