@@ -6,8 +6,10 @@ request its rows of the outputs. When the worker closes a batch depends on the p
  - adaptive (the default): the batch closes at once unless company is likely: while another request
    holds a lease on the version (`company`), or while requests arrive less than max_queue_delay_us / 4
    apart, the worker waits for more, until the next one is overdue (two recent gaps after the newest),
-   for at most max_queue_delay_us after the oldest arrived. A lone client is never delayed: its next
-   request waits for this one's answer, so its requests are a whole round trip apart.
+   for at most max_queue_delay_us after the oldest arrived. It stops waiting at once when the queue
+   holds as many requests as were ever recently inside the batcher at one time (`_crowd`): in a closed
+   loop of N clients, all N are then here and nobody else can come. A lone client is never delayed:
+   its next request waits for this one's answer, so its requests are a whole round trip apart.
  - fixed (Triton's dynamic batcher): the batch closes when the queue holds max_batch_size rows or
    its oldest request has waited max_queue_delay_us, whether or not anyone else is coming.
 Under both, requests that arrive while a batch runs are merged into the next one. With one
@@ -46,6 +48,9 @@ from genserve.serving.logs import log_event
 log = logging.getLogger("genserve.batcher")
 RunBatch = Callable[[np.ndarray], list[np.ndarray]]
 POLICIES = ("adaptive", "fixed")
+# Per execution, the remembered crowd (the most requests inside the batcher at once) shrinks by this
+# factor unless the present one is bigger: after a burst, a smaller crowd stops waiting within a few batches.
+CROWD_DECAY = 0.9
 
 
 class BatchObserver(Protocol):
@@ -134,6 +139,8 @@ class DynamicBatcher:
         self._inside = 0  # requests in infer() now: queued, running, or not yet resumed with their result
         self._last_arrival = -1e9  # loop.time() of the newest request
         self._gap = 1.0  # recent time between requests (EWMA, seconds)
+        # the most requests inside at one time, recently (decays by CROWD_DECAY per execution)
+        self._crowd = 0.0
         self._closed = False
         self.executions = 0  # batches run (successful or not), for tests and statistics
         self.waits = 0  # times a worker waited for company before closing a batch
@@ -185,6 +192,8 @@ class DynamicBatcher:
         self._last_arrival = now
         self._gap = 0.8 * self._gap + 0.2 * min(gap, 1.0)
         self._inside += 1
+        if self._inside > self._crowd:
+            self._crowd = self._inside
         try:
             # one chunk (the common case) is awaited directly: gather would add a future and callbacks
             results = [await items[0].future] if len(items) == 1 else await asyncio.gather(*(item.future for item in items))
@@ -241,6 +250,10 @@ class DynamicBatcher:
             # another request holds the version and may join: wait as the fixed policy does, but look
             # again every quarter of the delay (it may have finished instead)
             return min(close_at - now, self.max_queue_delay / 4)
+        if len(self._queue) >= self._crowd:
+            # as many are queued as were recently inside at once: with N clients in a closed loop,
+            # all N are here, and waiting longer only delays them
+            return 0.0
         if self._gap < self.max_queue_delay / 4:
             # requests arrive less than a quarter of the delay apart: wait while they keep coming,
             # until the next one is overdue (two gaps after the newest). A lone client's next request
@@ -294,6 +307,7 @@ class DynamicBatcher:
             if not batch:
                 continue
             started = loop.time()
+            self._crowd = max(self._inside, CROWD_DECAY * self._crowd)
             for item in batch:
                 item.queue_seconds = started - item.enqueued
                 self._observer.waited(item.queue_seconds)

@@ -51,12 +51,14 @@ class ModelSettings:
     dynamic_batching: bool = True
     # When a batch closes (serving/batcher.py). adaptive: at once, unless another request holds the
     # version or requests arrive less than max_queue_delay_us / 4 apart; then it waits while they
-    # keep coming, for at most max_queue_delay_us. fixed (Triton's): the oldest request waits up to
-    # max_queue_delay_us for company, whether or not anyone is coming.
+    # keep coming, until as many are queued as were recently inside at once, for at most
+    # max_queue_delay_us. fixed (Triton's): the oldest request waits up to max_queue_delay_us for
+    # company, whether or not anyone is coming.
     batching_policy: str = "adaptive"
     # The longest the oldest queued request waits for others to join (see batching_policy). Under
-    # the fixed policy a delay taxes every lone request, so 0 suits it on a CPU (docs/benchmarks.md).
-    max_queue_delay_us: int = 2000
+    # the fixed policy a delay taxes every lone request, so 0 suits it on a CPU. 5000 rather than
+    # 2000: 1-sample calls at c=64 merge twice as far (docs/benchmarks.md, "Batches that form").
+    max_queue_delay_us: int = 5000
     max_queue_size: int = 64  # queued requests per graph; more are rejected with RESOURCE_EXHAUSTED
     instances: int = 1  # concurrent executions per graph
     # With one instance, a batch whose size recently ran faster than this runs on the event loop's

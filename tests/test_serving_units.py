@@ -425,6 +425,33 @@ def test_adaptive_batcher_merges_a_fast_stream_of_requests() -> None:
     asyncio.run(scenario())
 
 
+def test_adaptive_batcher_stops_waiting_once_every_client_of_a_closed_loop_is_queued() -> None:
+    graph = SlowGraph()
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            # four clients, each sending again after its answer, 0.2 s apart: far less than a quarter of
+            # the minute's delay, so the arrival-gap rule alone would hold every batch until the next
+            # request is overdue (about 0.5 s after the newest)
+            batcher = _batcher(graph, executor, max_queue_delay_us=60_000_000, company=lambda: batcher._inside)
+            last_waits: list[float] = []
+
+            async def client(i: int) -> None:
+                for round_ in range(3):
+                    await asyncio.sleep(0.2 * i if round_ else 0)
+                    outputs, timing = await batcher.infer(_rows(i, 1))
+                    np.testing.assert_array_equal(outputs[0], _rows(i, 1) * 2)
+                    if i == 3 and round_:
+                        last_waits.append(timing.queue_seconds)
+
+            await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(4))), timeout=30)
+            assert graph.batches == [4, 4, 4]  # each round merged into one batch...
+            assert max(last_waits) < 0.2  # ...run as soon as the fourth was queued, not 0.5 s later
+            await batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_batcher_policy_is_checked() -> None:
     with pytest.raises(ValueError, match="adaptive, fixed"):
         DynamicBatcher("test.graph", SlowGraph().run, None, max_batch_size=1, max_queue_delay_us=0, max_queue_size=1,
