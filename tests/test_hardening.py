@@ -363,6 +363,32 @@ def test_unary_methods_are_served_as_streaming_only_while_their_message_is_timed
     assert received.status == Code.INVALID_ARGUMENT and received.size == 1
 
 
+def test_one_sweeper_times_out_stalled_messages_and_lets_cancellations_through() -> None:
+    import asyncio
+
+    from genserve.serving.decoding import RequestBudget, RequestDecodingInterceptor
+
+    async def never():  # a call whose message never comes
+        await asyncio.Event().wait()
+        yield None
+
+    async def scenario() -> None:
+        interceptor = RequestDecodingInterceptor(0.2, RequestBudget(1 << 20))
+        stalled = [asyncio.create_task(interceptor._receive(never(), None)) for _ in range(3)]
+        cancelled = asyncio.create_task(interceptor._receive(never(), None))
+        await asyncio.sleep(0.05)
+        assert len(interceptor._waiting) == 4  # one sweeper for all of them, no timer per call
+        cancelled.cancel()  # the client's cancellation is not turned into the server's timeout
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        for received in await asyncio.wait_for(asyncio.gather(*stalled), timeout=10):
+            assert received.status == Code.DEADLINE_EXCEEDED and "receive_timeout_s" in received.details
+        assert not interceptor._waiting and not interceptor._timed_out
+        await asyncio.wait_for(interceptor._sweeper, timeout=10)  # nothing waits: the sweeper ends
+
+    asyncio.run(scenario())
+
+
 def test_metrics_endpoint_asks_for_the_token_and_times_out_slow_clients(repo: Repository) -> None:
     server = start(repo, auth_token="s3cret", metrics_request_timeout_s=1.0, metrics_max_connections=2)
     sockets: list[socket.socket] = []
