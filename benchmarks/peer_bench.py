@@ -91,6 +91,21 @@ CELLS = [
 ]
 
 
+def parse_cells(text: str) -> list[CellSpec]:
+    """'dense:1:64,empty:1:64' -> cells; says which part is wrong otherwise."""
+    cells = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or parts[0] not in (*MODELS, "empty") or not (parts[1].isdigit() and parts[2].isdigit()):
+            raise SystemExit(f"--cells: {item!r} is not DECODER:ROWS:CLIENTS with DECODER one of "
+                             f"{', '.join((*MODELS, 'empty'))} and positive whole numbers (e.g. dense:1:64)")
+        decoder, rows, clients = parts[0], int(parts[1]), int(parts[2])
+        if rows < 1 or clients < 1:
+            raise SystemExit(f"--cells: {item!r} needs at least 1 row and 1 client")
+        cells.append(CellSpec("" if decoder == "empty" else decoder, rows, clients))
+    return cells
+
+
 @dataclass
 class Result:
     server: str
@@ -533,9 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlserver-batch-time", type=float, default=0.001, help="max_batch_time of mlserver-batch (s)")
     p.add_argument("--only", help="run only the cells whose label contains one of these, comma-separated "
                    "(e.g. 'ServerLive,c=1'); the in-process limit is measured for every decoder cell")
+    p.add_argument("--cells", help="run these cells instead, comma-separated DECODER:ROWS:CLIENTS with DECODER "
+                   "conv, dense or empty (ServerLive), e.g. 'dense:1:64,empty:1:64,dense:1:4'")
     p.add_argument("--json", type=Path, help="also write every round's results here")
     args = p.parse_args(argv)
-    cells = [c for c in CELLS if not args.only or any(o in c.label for o in args.only.split(","))]
+    cells = parse_cells(args.cells) if args.cells else CELLS
+    cells = [c for c in cells if not args.only or any(o in c.label for o in args.only.split(","))]
 
     servers = args.servers.split(",")
     if args.baseline_root:
