@@ -7,7 +7,7 @@ request its rows of the outputs. When the worker closes a batch depends on the p
    holds a lease on the version (`company`), or while requests arrive less than max_queue_delay_us / 4
    apart, the worker waits for more, until the next one is overdue (two recent gaps after the newest),
    for at most max_queue_delay_us after the oldest arrived. It stops waiting at once when the queue
-   holds as many requests as were ever recently inside the batcher at one time (`_crowd`): in a closed
+   holds as many requests as were recently inside the batcher at one time (`_crowd`): in a closed
    loop of N clients, all N are then here and nobody else can come. A lone client is never delayed:
    its next request waits for this one's answer, so its requests are a whole round trip apart.
  - fixed (Triton's dynamic batcher): the batch closes when the queue holds max_batch_size rows or
