@@ -5,7 +5,8 @@
 
 For untrained generators of three sizes (export's own ONNX export; untrained weights cost the same
 as trained ones), at batch 1, 8 and 64 rows, in one process: onnxruntime alone (`without`) and the
-same session run wrapped by SampleHealth.wrap (`with`), interleaved without, with, without, with, ...
+same session run as the server runs it, with the finiteness check and SampleHealth.observe
+(serving/versions.py's `checked_run`, `with`), interleaved without, with, without, with, ...
 for --rounds rounds of --seconds each; plus SampleHealth.observe alone on that batch's real output
 (`observe`, microseconds per sample, the median of --repeats timings). A measurement, not a test.
 """
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from genserve.serving.metrics import ServerMetrics
     from genserve.serving.sample_health import SampleHealth
+    from genserve.serving.versions import checked_run
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
     print(f"# {args.rounds} interleaved rounds of {args.seconds:g} s per cell; onnxruntime 1 intra-op thread")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         run, latent_dim = generator_session(kind, shape)
         label = f"{kind} {'x'.join(map(str, shape))}"
         health = SampleHealth(metrics, label.replace(" ", "-"), 1, "generator", (0.0, 1.0), 0.2)
-        wrapped = health.wrap(run)
+        wrapped = checked_run(run, health)
         for batch in BATCHES:
             rows = np.random.default_rng(0).standard_normal((batch, latent_dim)).astype(np.float32)
             throughput(run, rows, args.seconds / 4)  # warm-up

@@ -25,7 +25,7 @@ from genserve.serving.metrics import ServerMetrics
 from genserve.serving.runtime import GpuRequiredError, GraphSession, load_session
 from genserve.serving.sample_health import sample_health
 from genserve.serving.statistics import GraphStats
-from genserve.serving.versions import LoadedGraph, LoadedVersion
+from genserve.serving.versions import LoadedGraph, LoadedVersion, checked_run
 
 log = logging.getLogger("genserve.models")  # the manager's logger: its events read as one story
 
@@ -140,7 +140,7 @@ def start_version(manifest: Manifest, sessions: PreparedSessions, settings: Mode
         health = sample_health(metrics, manifest, part)  # image outputs: watched as each execution returns
         batcher = DynamicBatcher(
             f"{name}.{part} version {version}",
-            health.wrap(session.run) if health else session.run,
+            checked_run(session.run, health),
             executor,
             max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,

@@ -9,8 +9,8 @@ decoder, the denoiser) put out, as Prometheus series per model, version and part
                                             export on the version's reference samples (a histogram; ~1 is
                                             normal, ~0 is a collapsed generator)
 
-Measured right after onnxruntime returns, in the thread that ran the graph (SampleHealth.wrap wraps
-the graph's run function): the executor's, or the event loop's for a batch short enough to run
+Measured right after onnxruntime returns, in the thread that ran the graph (serving/versions.py's
+`checked_run`, the batcher's run function): the executor's, or the event loop's for a batch short enough to run
 inline (inline_execution_us, serving/batcher.py; the observation counts towards that time);
 docs/benchmarks.md has the cost per sample.
 """
@@ -18,7 +18,6 @@ docs/benchmarks.md has the cost per sample.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 
@@ -26,8 +25,6 @@ from genserve.export.labels import health_references
 from genserve.export.manifest import Manifest
 from genserve.export.sample_stats import DIVERSITY_ROWS, diversity, nonfinite_count, saturated_count
 from genserve.serving.metrics import ServerMetrics
-
-Run = Callable[[np.ndarray], list[np.ndarray]]
 
 
 class SampleHealth:
@@ -45,25 +42,20 @@ class SampleHealth:
         self.reference = reference_diversity if reference_diversity and reference_diversity > 0 else 1.0
         self.rows = rows
 
-    def observe(self, images: np.ndarray) -> None:
+    def observe(self, images: np.ndarray, finite_rows: np.ndarray | None = None) -> None:
+        """`finite_rows` (N,) bool, when the caller has checked the batch already (serving/versions.py)."""
         self._values.inc(images.size)
         # One summing pass proves the common case (no NaN or infinity) without a boolean temporary.
-        if not math.isfinite(float(np.add.reduce(images, axis=None))):
+        if finite_rows is not None:
+            finite = bool(finite_rows.all())
+        else:
+            finite = math.isfinite(float(np.add.reduce(images, axis=None)))
+        if not finite:
             self._nonfinite.inc(nonfinite_count(images))
         self._saturated.inc(saturated_count(images, self.low, self.high))
         figure = diversity(images, self.rows)
         if figure is not None:
             self._diversity.observe(figure / self.reference)
-
-    def wrap(self, run: Run) -> Run:
-        """`run` that also observes its first output."""
-
-        def run_and_observe(rows: np.ndarray) -> list[np.ndarray]:
-            outputs = run(rows)
-            self.observe(outputs[0])
-            return outputs
-
-        return run_and_observe
 
 
 def sample_health(metrics: ServerMetrics, manifest: Manifest, part: str) -> SampleHealth | None:

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from genserve.export import Manifest, PartSpec
-from genserve.serving.batcher import DynamicBatcher, Timing
+from genserve.serving.batcher import DynamicBatcher, RunBatch, Timing
 from genserve.serving.codec import all_finite
 from genserve.serving.config import ModelSettings
 from genserve.serving.errors import InvalidArgument, ServingError
 from genserve.serving.runtime import GraphSession
+from genserve.serving.sample_health import SampleHealth
 from genserve.serving.statistics import GraphStats
 
 
@@ -35,6 +36,35 @@ class State(enum.Enum):
     READY = "READY"
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"
+
+
+def finite_rows(outputs: list[np.ndarray]) -> np.ndarray:
+    """(N,) bool: which rows of a batch's outputs hold no NaN or infinity (one summing pass per output
+    in the common case, the per-row check only when that pass finds some)."""
+    rows = len(outputs[0])
+    if all(all_finite(output) for output in outputs):
+        return np.ones(rows, dtype=bool)
+    finite = np.ones(rows, dtype=bool)
+    for output in outputs:
+        finite &= np.isfinite(output.reshape(rows, -1)).all(axis=1)
+    return finite
+
+
+def checked_run(run: RunBatch, health: SampleHealth | None) -> RunBatch:
+    """The batcher's run function for a graph: `run`'s outputs, then one more, `finite_rows` of them,
+    which the batcher splits like the others, so each request learns from its own rows whether it may
+    be answered OK. Checked (and the sample health observed) in the thread that ran the batch, once
+    per execution: a pass over every request's outputs on the event loop cost up to ~90 us per
+    64-row dense-decoder call (docs/benchmarks.md)."""
+
+    def run_and_check(rows: np.ndarray) -> list[np.ndarray]:
+        outputs = run(rows)
+        finite = finite_rows(outputs)
+        if health is not None:
+            health.observe(outputs[0], finite)
+        return [*outputs, finite]
+
+    return run_and_check
 
 
 @dataclass
@@ -55,20 +85,22 @@ class LoadedGraph:
         return f"{self.model}.{self.part}"
 
     async def infer(self, rows: np.ndarray, deadline: float | None = None) -> tuple[list[np.ndarray], Timing]:
-        """Run rows (N, ...) through the graph via the batcher; outputs in the manifest's order."""
+        """Run rows (N, ...) through the graph via the batcher (whose run is `checked_run`); outputs in
+        the manifest's order."""
         started = time.perf_counter()
         try:
-            result = await self.batcher.infer(rows, deadline)
-            if not all(all_finite(output) for output in result[0]):  # never an OK with NaN pixels
+            (*outputs, finite), timing = await self.batcher.infer(rows, deadline)
+            if not finite.all():  # never an OK with NaN pixels
                 raise InvalidArgument(
-                    f"{self.oip_name} version {self.version} computed NaN or infinite values for these inputs; "
+                    f"{self.oip_name} version {self.version} computed NaN or infinite values for "
+                    f"{len(finite) - int(finite.sum())} of this request's {len(finite)} rows; "
                     "send smaller latents (or a lower temperature)"
                 )
         except (ServingError, asyncio.CancelledError):
             self.stats.request_done(False, time.perf_counter() - started)
             raise
         self.stats.request_done(True, time.perf_counter() - started)
-        return result
+        return outputs, timing
 
 
 @dataclass

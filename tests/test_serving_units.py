@@ -36,6 +36,7 @@ from genserve.serving.logs import JsonFormatter, TextFormatter, log_event
 from genserve.serving.models import holder_name
 from genserve.serving.oip_names import parse_version, split_oip_name
 from genserve.serving.protos import genserve_pb2 as pb
+from genserve.serving.versions import LoadedGraph, checked_run, finite_rows
 
 # --- config ------------------------------------------------------------------------------------
 
@@ -236,6 +237,54 @@ def _batcher(graph: SlowGraph, executor, **knobs) -> DynamicBatcher:
 
 def _rows(start: int, n: int) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.float32)[:, None].repeat(2, axis=1)
+
+
+class _RequestCounts:
+    def __init__(self) -> None:
+        self.done: list[bool] = []
+
+    def request_done(self, ok: bool, seconds: float) -> None:
+        self.done.append(ok)
+
+
+def test_finite_rows_checks_every_output_and_is_not_fooled_by_an_overflowing_sum() -> None:
+    huge = np.full((3, 4), 3e38, np.float32)  # finite, but their float32 sum overflows to inf
+    second = np.zeros((3, 2), np.float32)
+    assert finite_rows([huge, second]).tolist() == [True, True, True]
+    second[2, 1] = np.inf
+    huge[0, 3] = np.nan
+    assert finite_rows([huge, second]).tolist() == [False, True, False]
+
+
+def test_a_nan_row_fails_only_its_own_request_of_a_merged_batch() -> None:
+    """The finiteness check runs once per execution, in the batch's thread; each request is judged by
+    its own rows."""
+    batches: list[int] = []
+
+    def run(rows: np.ndarray) -> list[np.ndarray]:
+        batches.append(len(rows))
+        with np.errstate(invalid="ignore"):
+            return [np.sqrt(rows)]  # NaN for a negative input
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher("test.graph", checked_run(run, None), executor, max_batch_size=8,
+                                     max_queue_delay_us=50_000, max_queue_size=8, policy="fixed")
+            batcher.start()
+            counts = _RequestCounts()
+            graph = LoadedGraph("test", 1, "graph", "default", None, None, batcher, counts)
+            good = np.array([[1.0, 4.0], [9.0, 16.0]], np.float32)
+            bad = np.array([[1.0, 4.0], [-1.0, 16.0]], np.float32)
+            answers = await asyncio.gather(graph.infer(good), graph.infer(bad), return_exceptions=True)
+            assert batches == [4]  # one execution for both
+            outputs, _ = answers[0]
+            assert len(outputs) == 1  # the graph's outputs only, not the per-row check
+            np.testing.assert_array_equal(outputs[0], np.sqrt(good))
+            assert isinstance(answers[1], InvalidArgument) and "1 of this request's 2 rows" in str(answers[1])
+            assert counts.done == [True, False]
+            await batcher.close()
+
+    asyncio.run(scenario())
 
 
 def test_batcher_merges_concurrent_requests_and_splits_big_ones() -> None:
