@@ -53,6 +53,16 @@ POLICIES = ("adaptive", "fixed")
 CROWD_DECAY = 0.9
 
 
+def _deliver(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    """On the loop: an executor job's outcome into its future, unless the waiter has gone (cancelled)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
 class BatchObserver(Protocol):
     """What the batcher reports (metrics, statistics); every method is called on the event loop."""
 
@@ -322,7 +332,7 @@ class DynamicBatcher:
                 if expected is not None and expected < self.inline_below:
                     outputs, took = self._timed_run(inputs, time.perf_counter)
                 else:
-                    outputs, took = await loop.run_in_executor(self._executor, self._timed_run, inputs, time.thread_time)
+                    outputs, took = await self._in_executor(loop, inputs)
             except Exception as error:
                 seconds = loop.time() - started
                 self._observer.executed(len(inputs), seconds, ok=False)
@@ -344,6 +354,23 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_result([out[offset : offset + n] for out in outputs])
                 offset += n
+
+    def _in_executor(self, loop: asyncio.AbstractEventLoop, inputs: np.ndarray) -> asyncio.Future[tuple[list[np.ndarray], float]]:
+        """`_timed_run` in the executor, its result delivered to a loop future by call_soon_threadsafe:
+        run_in_executor's chain of a concurrent and an asyncio future (wrap_future, _copy_future_state,
+        all Python) cost the loop's thread 15-30 us more per execution (docs/benchmarks.md)."""
+        future = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = self._timed_run(inputs, time.thread_time)
+            except BaseException as error:  # delivered to the worker, which fails the batch's requests
+                loop.call_soon_threadsafe(_deliver, future, None, error)
+            else:
+                loop.call_soon_threadsafe(_deliver, future, result, None)
+
+        self._executor.submit(job)
+        return future
 
     def _timed_run(self, inputs: np.ndarray, clock: Callable[[], float]) -> tuple[list[np.ndarray], float]:
         """`run` and how long it took by `clock`. In the executor that is the thread's CPU time: the
