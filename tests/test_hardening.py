@@ -368,14 +368,14 @@ def test_one_sweeper_times_out_stalled_messages_and_lets_cancellations_through()
 
     from genserve.serving.decoding import RequestBudget, RequestDecodingInterceptor
 
-    async def never():  # a call whose message never comes
-        await asyncio.Event().wait()
-        yield None
+    class Stalled:  # the context of a call whose message never comes
+        async def read(self):
+            await asyncio.Event().wait()
 
     async def scenario() -> None:
         interceptor = RequestDecodingInterceptor(0.2, RequestBudget(1 << 20))
-        stalled = [asyncio.create_task(interceptor._receive(never(), None)) for _ in range(3)]
-        cancelled = asyncio.create_task(interceptor._receive(never(), None))
+        stalled = [asyncio.create_task(interceptor._receive(Stalled())) for _ in range(3)]
+        cancelled = asyncio.create_task(interceptor._receive(Stalled()))
         await asyncio.sleep(0.05)
         assert len(interceptor._waiting) == 4  # one sweeper for all of them, no timer per call
         cancelled.cancel()  # the client's cancellation is not turned into the server's timeout
