@@ -10,8 +10,8 @@ decoder, the denoiser) put out, as Prometheus series per model, version and part
                                             normal, ~0 is a collapsed generator)
 
 Measured right after onnxruntime returns, in the thread that ran the graph (serving/versions.py's
-`checked_run`, the batcher's run function): the executor's, or the event loop's for a batch short enough to run
-inline (inline_execution_us, serving/batcher.py; the observation counts towards that time);
+`checked_run`, the batcher's run function): the executor's, or the event loop's for a batch short
+enough to run inline (inline_execution_us, serving/batcher.py; the observation counts towards that time);
 docs/benchmarks.md has the cost per sample.
 """
 
@@ -45,10 +45,9 @@ class SampleHealth:
     def observe(self, images: np.ndarray, finite_rows: np.ndarray | None = None) -> None:
         """`finite_rows` (N,) bool, when the caller has checked the batch already (serving/versions.py)."""
         self._values.inc(images.size)
-        # One summing pass proves the common case (no NaN or infinity) without a boolean temporary.
         if finite_rows is not None:
             finite = bool(finite_rows.all())
-        else:
+        else:  # one summing pass proves the common case (no NaN or infinity) without a boolean temporary
             finite = math.isfinite(float(np.add.reduce(images, axis=None)))
         if not finite:
             self._nonfinite.inc(nonfinite_count(images))
